@@ -1,0 +1,90 @@
+"""Defaults shared by every config: the method of METHOD.md with the paper's settings.
+
+Dataset configs import this module and override fields. Every field can be overridden on the
+command line, e.g. ``--config.optim.lr=0.05`` or ``--config.method.layers="(3,6,9,11)"``.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    del arg
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.splits = "all"  # "all" or a comma-separated list of run names (e.g. "airplane,cat")
+
+    # Data (METHOD.md "Training and data protocol").
+    config.data = ml_collections.ConfigDict()
+    config.data.name = "cifar10"  # cifar10 | cifar100 | fashion_mnist | mvtec | folder | digits | textures
+    config.data.data_dir = ""  # tfds data_dir; "" = tfds default (~/tensorflow_datasets)
+    config.data.root = ""  # mvtec / folder / textures root directory
+    config.data.category = ""  # mvtec / folder category ("" = every category under root)
+    config.data.image_size = 224
+    config.data.mean = 0.5  # Google's ViT checkpoints take [-1, 1]: (x - 0.5) / 0.5
+    config.data.std = 0.5
+    config.data.batch_size = 32
+    config.data.eval_batch_size = 64
+    config.data.holdout_fraction = 0.1  # normal training images held out to set the threshold
+    config.data.skip_bad_images = False  # True: skip unreadable images and report how many
+    config.data.shuffle_buffer = 0  # 0 = full shuffle of the (index-addressable) training set
+
+    # Teacher and student backbone (METHOD.md "Networks").
+    config.model = ml_collections.ConfigDict()
+    config.model.variant = "B/16"
+    config.model.layernorm_eps = 1e-6  # Google npz and timm: 1e-6; HuggingFace: 1e-12
+    config.model.gelu_approximate = False  # timm / HF: exact GELU; vit_jax's flax code: tanh
+    config.model.dtype = "float32"  # compute dtype; params, anchor and loss stay float32
+    config.model.scan_layers = True  # False: unroll the layer scan (same params, same numbers)
+    config.model.remat = False
+    config.model.attention_implementation = ""  # "" (auto), "xla" or "cudnn"
+
+    config.teacher = ml_collections.ConfigDict()
+    config.teacher.checkpoint = ""  # .npz (Google), .safetensors/.pth (timm), HF dir, or converted dir
+    config.teacher.init = "pretrained"  # "pretrained" | "random" (demo and tests only)
+    config.teacher.cache_dir = ""  # where converted teachers are cached; "" = <workdir>/teacher
+
+    # The method (METHOD.md "Losses" and "Anomaly score").
+    config.method = ml_collections.ConfigDict()
+    config.method.layers = (3, 6, 9, 11)  # groupc, 0-based block indices
+    config.method.anchor_layers = (11,)
+    config.method.lam = 1.0
+    config.method.distill_form = "default"  # "default" (eq. 8 mean) | "paper" (eq. 3)
+    config.method.gram_form = "default"  # "default" (||.||_F / D) | "paper" (eq. 5)
+    config.method.gram_pairs = ()  # () = consecutive pairs of `layers`
+    config.method.anchor_update = "mean"  # "mean" (exact running mean, eq. 1) | "ema"
+    config.method.anchor_momentum = 0.99  # for anchor_update="ema"
+    config.method.pos_embedding = "copy_frozen"  # "copy_frozen" (strategy 2) | "learned" (strategy 1)
+    config.method.top_k = 20
+    config.method.image_score = "paper"  # "paper" (S_D + S_A, eq. 10) | "max" (max of the map)
+    config.method.map_sigma = 4.0  # Gaussian smoothing of the upsampled anomaly map, in pixels
+
+    # Optimiser: SGD with linear warmup (paper section 4.1); clipping keeps the printed lr stable.
+    config.optim = ml_collections.ConfigDict()
+    config.optim.name = "sgd"  # "sgd" | "adam"
+    config.optim.lr = 0.1
+    config.optim.momentum = 0.0
+    config.optim.nesterov = False
+    config.optim.weight_decay = 0.0
+    config.optim.warmup_steps = 100
+    config.optim.schedule = "constant"  # after warmup: "constant" | "cosine"
+    config.optim.clip_norm = 1.0  # global-norm clipping; 0 disables
+
+    config.train = ml_collections.ConfigDict()
+    config.train.epochs = 10
+    config.train.steps = 0  # > 0 overrides epochs
+    config.train.log_every = 50
+    config.train.checkpoint_every = 500
+    config.train.cache_teacher_features = False
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.threshold_quantile = 0.99  # of held-out normal scores
+    config.eval.max_heatmaps = 16
+
+    config.predict = ml_collections.ConfigDict()
+    config.predict.inputs = ""  # path, directory or glob
+    config.predict.output_dir = ""  # "" = <workdir>/predict
+
+    # Scale (many splits in one program, data parallel over a mesh).
+    config.mesh_shape = ()  # (split, data); () = automatic
+    config.parallel_splits = "auto"  # "auto" | an int: splits trained together in one program
+    return config

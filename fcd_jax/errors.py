@@ -1,0 +1,17 @@
+"""The one exception type that users see as a single line (``main.py`` prints it, no stack trace)."""
+
+
+class FcdError(Exception):
+    """A problem with the user's input (data, checkpoint, config) whose message names the fix."""
+
+
+class DataError(FcdError):
+    """Missing, unreadable or inconsistent images, masks or datasets."""
+
+
+class CheckpointError(FcdError):
+    """A checkpoint that cannot be read, or does not fit the configured model."""
+
+
+class TrainingError(FcdError):
+    """Training went wrong in a way the user must act on (e.g. a NaN loss)."""

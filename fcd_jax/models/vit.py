@@ -1,0 +1,204 @@
+"""Vision Transformer (Dosovitskiy et al., ICLR 2021) that returns every block's tokens.
+
+METHOD.md "Networks": teacher and student share this one model. ``apply`` returns a dict with
+
+- ``"blocks"``: phi_c for every encoder block c, stacked: ``[depth, batch, 1 + num_patches, width]``,
+  cls token first;
+- ``"encoded"``: the final LayerNorm applied to the last block's output, ``[batch, tokens, width]``.
+
+The encoder blocks' parameters are always stacked on a leading ``depth`` axis (``params["blocks"]``)
+and run with ``nn.scan``; ``scan_layers=False`` fully unrolls that scan (slower compile, sometimes a
+faster step) with the very same parameters and numbers. ``remat=True`` rematerialises each block.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Width, depth, heads and MLP width of the named variants (ViT paper, Table 1; DeiT for Ti and S).
+VARIANTS: dict[str, dict[str, int]] = {
+    "Ti": dict(width=192, depth=12, num_heads=3, mlp_dim=768),
+    "S": dict(width=384, depth=12, num_heads=6, mlp_dim=1536),
+    "B": dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
+    "L": dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),
+}
+
+
+def parse_variant(variant: str) -> dict[str, int]:
+    """``"B/16"`` -> ``dict(width=768, depth=12, num_heads=12, mlp_dim=3072, patch_size=16)``."""
+    match = re.fullmatch(r"(Ti|S|B|L)/(\d+)", variant.strip())
+    if not match:
+        raise ValueError(
+            f"unknown ViT variant {variant!r}: use one of "
+            f"{', '.join(k + '/16' for k in VARIANTS)} (any patch size after the slash)"
+        )
+    return dict(VARIANTS[match.group(1)], patch_size=int(match.group(2)))
+
+
+class MlpBlock(nn.Module):
+    mlp_dim: int
+    gelu_approximate: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        width = tokens.shape[-1]
+        hidden = nn.Dense(self.mlp_dim, dtype=self.dtype, name="fc1")(tokens)
+        hidden = nn.gelu(hidden, approximate=self.gelu_approximate)
+        return nn.Dense(width, dtype=self.dtype, name="fc2")(hidden)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention; parameters laid out as Flax's MultiHeadDotProductAttention."""
+
+    num_heads: int
+    dtype: Any = jnp.float32
+    implementation: str | None = None  # jax.nn.dot_product_attention: None (auto), "xla", "cudnn"
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        width = tokens.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+        head_dim = width // self.num_heads
+
+        def project(name: str) -> jax.Array:
+            dense = nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype, name=name)
+            return dense(tokens)  # [batch, tokens, heads, head_dim]
+
+        attended = jax.nn.dot_product_attention(
+            project("query"), project("key"), project("value"),
+            implementation=self.implementation,
+        )
+        return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out")(attended)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-LayerNorm transformer block; ``(carry, _) -> (carry, output)`` so it can be scanned."""
+
+    num_heads: int
+    mlp_dim: int
+    layernorm_eps: float = 1e-6
+    gelu_approximate: bool = False
+    dtype: Any = jnp.float32
+    attention_implementation: str | None = None
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, _: Any = None) -> tuple[jax.Array, jax.Array]:
+        norm = lambda name: nn.LayerNorm(epsilon=self.layernorm_eps, dtype=self.dtype, name=name)
+        tokens = tokens + SelfAttention(
+            self.num_heads, self.dtype, self.attention_implementation, name="attn"
+        )(norm("ln1")(tokens))
+        tokens = tokens + MlpBlock(
+            self.mlp_dim, self.gelu_approximate, self.dtype, name="mlp"
+        )(norm("ln2")(tokens))
+        return tokens, tokens
+
+
+class ViT(nn.Module):
+    """ViT encoder without a classification head. Input: NHWC images, already normalised."""
+
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    layernorm_eps: float = 1e-6
+    gelu_approximate: bool = False
+    dtype: Any = jnp.float32
+    scan_layers: bool = True
+    remat: bool = False
+    attention_implementation: str | None = None
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
+        batch, height, width_px, channels = images.shape
+        if height % self.patch_size or width_px % self.patch_size:
+            raise ValueError(
+                f"image size {height}x{width_px} is not a multiple of the patch size "
+                f"{self.patch_size}: resize the images (config.model.image_size)"
+            )
+        grid_h, grid_w = height // self.patch_size, width_px // self.patch_size
+
+        # Patch embedding: a stride-p convolution, computed as one matmul over flattened patches.
+        kernel = self.param(
+            "embedding_kernel", nn.initializers.lecun_normal(),
+            (self.patch_size, self.patch_size, channels, self.width),
+        )
+        bias = self.param("embedding_bias", nn.initializers.zeros, (self.width,))
+        patches = images.reshape(batch, grid_h, self.patch_size, grid_w, self.patch_size, channels)
+        patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(batch, grid_h * grid_w, -1)
+        tokens = jnp.einsum(
+            "bnk,kd->bnd", patches.astype(self.dtype), kernel.reshape(-1, self.width).astype(self.dtype)
+        ) + bias.astype(self.dtype)
+
+        cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width))
+        tokens = jnp.concatenate(
+            [jnp.broadcast_to(cls, (batch, 1, self.width)).astype(self.dtype), tokens], axis=1
+        )
+        pos_embedding = self.param(
+            "pos_embedding", nn.initializers.normal(stddev=0.02), (1, 1 + grid_h * grid_w, self.width)
+        )
+        tokens = tokens + pos_embedding.astype(self.dtype)
+
+        block = EncoderBlock
+        if self.remat:
+            block = nn.remat(block, prevent_cse=False)
+        blocks = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=self.depth,
+            unroll=1 if self.scan_layers else self.depth,
+        )(
+            self.num_heads, self.mlp_dim, self.layernorm_eps, self.gelu_approximate, self.dtype,
+            self.attention_implementation, name="blocks",
+        )
+        last, every_block = blocks(tokens, None)
+        encoded = nn.LayerNorm(epsilon=self.layernorm_eps, dtype=self.dtype, name="encoder_norm")(last)
+        return {"blocks": every_block, "encoded": encoded}
+
+
+def build_vit(model_config: Any, depth: int | None = None) -> ViT:
+    """Builds the ViT that ``config.model`` (an ml_collections ConfigDict or dict) describes.
+
+    ``model_config.variant`` (e.g. ``"B/16"``) gives the architecture; explicit fields
+    (``patch_size``, ``width``, ``depth``, ``num_heads``, ``mlp_dim``) override it. ``depth``
+    overrides the depth, to run only the first blocks (see :func:`truncate_params`).
+    """
+    get = model_config.get
+    arch = parse_variant(get("variant") or "B/16")
+    for field in ("patch_size", "width", "depth", "num_heads", "mlp_dim"):
+        if get(field):
+            arch[field] = int(get(field))
+    if depth is not None:
+        arch["depth"] = depth
+    dtype = jnp.dtype(get("dtype") or "float32")
+    return ViT(
+        **arch,
+        layernorm_eps=float(get("layernorm_eps") or 1e-6),
+        gelu_approximate=bool(get("gelu_approximate")),
+        dtype=dtype,
+        scan_layers=bool(get("scan_layers", True)),
+        remat=bool(get("remat")),
+        attention_implementation=get("attention_implementation") or None,
+    )
+
+
+def truncate_params(params: dict, depth: int) -> dict:
+    """Keeps only the first ``depth`` encoder blocks (the teacher need not run past the last
+    block that the losses use)."""
+    truncated = dict(params)
+    truncated["blocks"] = jax.tree.map(lambda leaf: leaf[:depth], params["blocks"])
+    return truncated
+
+
+def num_patches(image_size: int, patch_size: int) -> int:
+    if image_size % patch_size:
+        raise ValueError(f"image size {image_size} is not a multiple of the patch size {patch_size}")
+    return (image_size // patch_size) ** 2
