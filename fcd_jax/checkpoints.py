@@ -1,0 +1,63 @@
+"""Orbax checkpoints: resumable training states and the final student + anchor of each run."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from fcd_jax.errors import CheckpointError
+
+
+def training_manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
+    """One manager per group of splits trained together; saves are asynchronous."""
+    return ocp.CheckpointManager(
+        os.path.abspath(directory), options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep)
+    )
+
+
+def abstract_like(tree: Any) -> Any:
+    """Shapes, dtypes and shardings of ``tree``: the target orbax restores into."""
+    return jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding), tree
+    )
+
+
+def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, int | None]:
+    """(restored tree, step) from the newest checkpoint, or (target, None) when there is none."""
+    step = manager.latest_step()
+    if step is None:
+        return target, None
+    try:
+        restored = manager.restore(step, args=ocp.args.StandardRestore(abstract_like(target)))
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(
+            f"checkpoint {manager.directory}/{step} does not fit this config "
+            f"({str(error).splitlines()[0][:200]}): use another --workdir or delete that directory"
+        ) from None
+    return restored, step
+
+
+def save_tree(directory: str, tree: Any) -> None:
+    """Writes a pytree (e.g. ``{"params": ..., "anchor": ...}``) and waits until it is on disk."""
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.abspath(directory), tree, force=True)
+    checkpointer.wait_until_finished()
+
+
+def load_tree(directory: str, target: Any | None = None) -> Any:
+    """Reads a pytree written by ``save_tree`` (onto the host/default device)."""
+    path = os.path.abspath(directory)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"no checkpoint at {path}: train first (--mode=train_and_eval)")
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        if target is None:
+            return checkpointer.restore(path)
+        return checkpointer.restore(path, jax.tree.map(ocp.utils.to_shape_dtype_struct, target))
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this config ({str(error).splitlines()[0][:200]})"
+        ) from None

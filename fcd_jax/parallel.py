@@ -1,0 +1,130 @@
+"""Device mesh, shardings and global batches: many splits and data parallelism in one program.
+
+One ``Mesh`` with axes ``("split", "data")``. Student states of S splits are stacked on a leading
+axis sharded over ``split``; each batch is ``[S, B, h, w, c]`` sharded over ``("split", "data")``;
+the teacher's parameters are replicated. ``jax.jit`` with these ``NamedSharding``s is the whole
+parallel engine: XLA inserts the gradient all-reduce over ``data``. The same code runs on one CPU,
+8 GPUs or a multi-host TPU pod (``jax.distributed``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from fcd_jax.errors import FcdError
+
+SPLIT, DATA = "split", "data"
+
+
+def choose_mesh_shape(num_splits: int, batch_size: int, num_devices: int) -> tuple[int, int]:
+    """Splits first: the largest split axis that divides the devices, is at most ``num_splits``
+    and leaves a data axis that divides the batch."""
+    for split_axis in sorted(_divisors(num_devices), reverse=True):
+        data_axis = num_devices // split_axis
+        if split_axis <= max(num_splits, 1) and batch_size % data_axis == 0:
+            return split_axis, data_axis
+    raise FcdError(
+        f"no mesh of {num_devices} devices fits {num_splits} splits with batch size {batch_size}: "
+        "set --config.mesh_shape or a batch size divisible by the device count"
+    )
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def make_mesh(
+    num_splits: int,
+    batch_size: int,
+    mesh_shape: Sequence[int] = (),
+    devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
+    """The ``("split", "data")`` mesh over all (or the given) devices.
+
+    Axis types are Auto: the model's ``concatenate([cls, patches])`` needs no sharding annotations.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    shape = tuple(mesh_shape) or choose_mesh_shape(num_splits, batch_size, len(devices))
+    if len(shape) != 2 or math.prod(shape) != len(devices):
+        raise FcdError(
+            f"mesh_shape {tuple(shape)} does not use the {len(devices)} devices: give (split, data) "
+            f"with split * data = {len(devices)}"
+        )
+    if batch_size % shape[1]:
+        raise FcdError(
+            f"batch size {batch_size} is not divisible by the data axis {shape[1]} of the mesh: "
+            "change --config.data.batch_size or --config.mesh_shape"
+        )
+    return Mesh(
+        np.asarray(devices).reshape(shape), (SPLIT, DATA),
+        axis_types=(jax.sharding.AxisType.Auto,) * 2,
+    )
+
+
+def padded_num_splits(num_splits: int, mesh: Mesh) -> int:
+    """Splits rounded up to a multiple of the split axis (padding splits are never reported)."""
+    return -(-num_splits // mesh.shape[SPLIT]) * mesh.shape[SPLIT]
+
+
+def stacked_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading axis over ``split``: stacked states, per-split metrics and flags."""
+    return NamedSharding(mesh, P(SPLIT))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """``[split, batch, ...]`` over ``(split, data)``."""
+    return NamedSharding(mesh, P(SPLIT, DATA))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def stack_trees(trees: Sequence[Any]) -> Any:
+    """Stacks pytrees of equal structure on a new leading axis."""
+    return jax.tree.map(lambda *leaves: np.stack([np.asarray(x) for x in leaves]), *trees)
+
+
+def tree_index(tree: Any, index: int) -> Any:
+    """The ``index``-th element of a stacked pytree, fetched to the host as numpy."""
+    return jax.tree.map(lambda leaf: np.asarray(jax.device_get(leaf[index])), tree)
+
+
+def local_block(sharding: NamedSharding, global_shape: tuple[int, ...]) -> tuple[slice, slice]:
+    """(splits, batch rows) of a ``[split, batch, ...]`` array that this process must provide.
+
+    Each process loads only these images; ``global_array`` assembles the global batch.
+    """
+    index_map = sharding.addressable_devices_indices_map(global_shape)
+    blocks = [tuple(index[:2]) for index in index_map.values()]
+
+    def span(dim: int) -> slice:
+        starts = [block[dim].start or 0 for block in blocks]
+        stops = [global_shape[dim] if block[dim].stop is None else block[dim].stop for block in blocks]
+        return slice(min(starts), max(stops))
+
+    return span(0), span(1)
+
+
+def global_array(local_data: np.ndarray, sharding: NamedSharding, global_shape: tuple[int, ...]):
+    """The global ``jax.Array`` from this process's block (``local_block``) of it."""
+    return jax.make_array_from_process_local_data(sharding, local_data, global_shape)
+
+
+def jit_stacked_step(
+    step: Callable, mesh: Mesh, state_shardings: Any
+) -> Callable:
+    """``jax.jit`` of a vmapped train step with explicit shardings and the states donated."""
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, replicated(mesh), batch_sharding(mesh), stacked_sharding(mesh)),
+        out_shardings=(state_shardings, stacked_sharding(mesh)),
+        donate_argnums=0,
+    )
