@@ -54,8 +54,8 @@ def make_mesh(
     shape = tuple(mesh_shape) or choose_mesh_shape(num_splits, batch_size, len(devices))
     if len(shape) != 2 or math.prod(shape) != len(devices):
         raise FcdError(
-            f"mesh_shape {tuple(shape)} does not use the {len(devices)} devices: give (split, data) "
-            f"with split * data = {len(devices)}"
+            f"mesh_shape {tuple(shape)} does not use the {len(devices)} devices: give "
+            f"(split, data) with split * data = {len(devices)}"
         )
     if batch_size % shape[1]:
         raise FcdError(
@@ -107,7 +107,9 @@ def local_block(sharding: NamedSharding, global_shape: tuple[int, ...]) -> tuple
 
     def span(dim: int) -> slice:
         starts = [block[dim].start or 0 for block in blocks]
-        stops = [global_shape[dim] if block[dim].stop is None else block[dim].stop for block in blocks]
+        stops = [
+            global_shape[dim] if block[dim].stop is None else block[dim].stop for block in blocks
+        ]
         return slice(min(starts), max(stops))
 
     return span(0), span(1)
@@ -124,7 +126,9 @@ def jit_stacked_step(
     """``jax.jit`` of a vmapped train step with explicit shardings and the states donated."""
     return jax.jit(
         step,
-        in_shardings=(state_shardings, replicated(mesh), batch_sharding(mesh), stacked_sharding(mesh)),
+        in_shardings=(
+            state_shardings, replicated(mesh), batch_sharding(mesh), stacked_sharding(mesh)
+        ),
         out_shardings=(state_shardings, stacked_sharding(mesh)),
         donate_argnums=0,
     )

@@ -9,7 +9,10 @@ what the optimiser sees. Many splits train at once by stacking states on a leadi
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -18,12 +21,27 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
+from absl import logging
 from flax import struct
+from jax.experimental import multihost_utils
+from tensorboardX import SummaryWriter
+from tqdm.auto import tqdm
 
-from fcd_jax.errors import FcdError
-from fcd_jax.input_pipeline import preprocess
+from fcd_jax import checkpoints, parallel, reports
+from fcd_jax.datasets.split import Split
+from fcd_jax.errors import FcdError, TrainingError
+from fcd_jax.evaluate import evaluate_split, make_score_step
+from fcd_jax.input_pipeline import (
+    list_splits,
+    load_split,
+    preprocess,
+    steps_per_epoch,
+    train_batches,
+)
 from fcd_jax.losses import fcd_loss, update_anchor
 from fcd_jax.models import build_vit, truncate_params
+from fcd_jax.teacher import load_teacher
 
 FROZEN_POS_EMBEDDING = "copy_frozen"
 
@@ -212,3 +230,383 @@ def make_train_step(
         train_step, config=config, teacher_model=teacher_model, student_model=student_model
     )
     return jax.jit(step, donate_argnums=0)
+
+
+# --------------------------------------------------------------------------------------------
+# The experiment: every split of a dataset, trained in groups, checkpointed, scored, reported.
+# --------------------------------------------------------------------------------------------
+
+RANDOM_TEACHER_WARNING = (
+    "the teacher is RANDOM (teacher.init='random'): this run proves the machinery only, its "
+    "numbers are not comparable to the paper"
+)
+
+
+def split_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(teacher key, base key of the students); student ``i`` uses ``fold_in(base, i)``."""
+    teacher_key, student_key = jax.random.split(jax.random.key(seed))
+    return teacher_key, student_key
+
+
+def total_steps_for(config: ml_collections.ConfigDict, num_train_images: int) -> int:
+    """``train.steps`` if set, else ``train.epochs`` passes over this split's training images."""
+    if config.train.steps > 0:
+        return int(config.train.steps)
+    return int(config.train.epochs) * steps_per_epoch(num_train_images, config.data.batch_size)
+
+
+def init_stacked_states(
+    config: ml_collections.ConfigDict,
+    teacher_pos_embedding: jax.Array,
+    student_model: nn.Module,
+    split_indices: np.ndarray,
+    total_steps: np.ndarray,
+    mesh: jax.sharding.Mesh,
+) -> tuple[TrainState, Any]:
+    """One fresh student per split, stacked and created directly with its sharding.
+
+    Student ``i``'s weights depend only on the seed and its split index, so a split trains the
+    same alone or in a group.
+    """
+    _, student_key = split_keys(config.seed)
+
+    def init(split_index, total, pos_embedding):
+        key = jax.random.fold_in(student_key, split_index)
+        return create_train_state(config, pos_embedding, student_model, key, total)
+
+    stacked_init = jax.vmap(init, in_axes=(0, 0, None))
+    abstract = jax.eval_shape(stacked_init, split_indices, total_steps, teacher_pos_embedding)
+    shardings = jax.tree.map(lambda _: parallel.stacked_sharding(mesh), abstract)
+    states = jax.jit(stacked_init, out_shardings=shardings)(
+        jnp.asarray(split_indices, jnp.int32), jnp.asarray(total_steps, jnp.int32),
+        teacher_pos_embedding,
+    )
+    return states, shardings
+
+
+def select_splits(config: ml_collections.ConfigDict) -> list[str]:
+    """The dataset's run names, restricted to ``config.splits`` unless it is "all"."""
+    names = list_splits(config.data)
+    if config.splits in ("all", "", None):
+        return names
+    wanted = [name.strip() for name in str(config.splits).split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in names]
+    if unknown:
+        raise FcdError(
+            f"unknown split(s) {', '.join(unknown)} for dataset {config.data.name}: "
+            f"choose from {', '.join(names)}"
+        )
+    return wanted
+
+
+def group_size_for(config: ml_collections.ConfigDict, num_splits: int) -> int:
+    """How many splits train together: ``parallel_splits`` as an int, or "auto" (see
+    ``auto_parallel_splits``: the most that fit the device memory)."""
+    value = str(config.parallel_splits).strip()
+    if value == "auto":
+        return auto_parallel_splits(config, num_splits)
+    if not value.isdigit() or int(value) < 1:
+        raise FcdError(f"parallel_splits={value!r}: use 'auto' or a positive integer")
+    return min(int(value), num_splits)
+
+
+class GroupTrainer:
+    """Trains a group of splits as one stacked, sharded, checkpointed program."""
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        workdir: str,
+        splits: list[Split],
+        split_indices: list[int],
+        teacher_params: dict,
+        teacher_model: nn.Module,
+        student_model: nn.Module,
+    ):
+        self.config = config
+        self.splits = splits
+        self.mesh = parallel.make_mesh(len(splits), config.data.batch_size, config.mesh_shape)
+        self.num_stacked = parallel.padded_num_splits(len(splits), self.mesh)
+        padding = self.num_stacked - len(splits)
+        self.totals = np.asarray(
+            [total_steps_for(config, len(split.train_images)) for split in splits] + [0] * padding,
+            np.int32,
+        )
+        indices = np.asarray(list(split_indices) + [split_indices[0]] * padding, np.int32)
+        self.teacher_params = jax.device_put(teacher_params, parallel.replicated(self.mesh))
+        self.states, self.state_shardings = init_stacked_states(
+            config, self.teacher_params["pos_embedding"], student_model, indices, self.totals,
+            self.mesh,
+        )
+        self.step_fn = parallel.jit_stacked_step(
+            make_stacked_train_step(config, teacher_model, student_model),
+            self.mesh, self.state_shardings,
+        )
+        group_name = "+".join(split.name for split in splits)
+        if len(group_name) > 80:
+            group_name = f"{splits[0].name}+{len(splits) - 1}_more"
+        self.checkpoints = checkpoints.training_manager(
+            os.path.join(workdir, "checkpoints", group_name.replace("/", "_"))
+        )
+        self.writers = (
+            {split.name: SummaryWriter(os.path.join(workdir, "tensorboard", split.name))
+             for split in splits}
+            if jax.process_index() == 0 else {}
+        )
+
+    def global_batch_shape(self) -> tuple[int, ...]:
+        image_shape = self.splits[0].train_images.image_shape
+        return (self.num_stacked, self.config.data.batch_size, *image_shape)
+
+    def batch_streams(self, start_step: int) -> dict[int, Iterator[np.ndarray]]:
+        """This process's rows of every batch, for the splits it holds (padding splits: none)."""
+        split_rows, batch_rows = parallel.local_block(
+            parallel.batch_sharding(self.mesh), self.global_batch_shape()
+        )
+        rows = batch_rows.stop - batch_rows.start
+        streams = {}
+        for index in range(split_rows.start, split_rows.stop):
+            if index < len(self.splits):
+                streams[index] = train_batches(
+                    self.splits[index].train_images, self.config.data.batch_size,
+                    seed=self.config.seed, start_step=start_step,
+                    process_index=batch_rows.start // rows,
+                    process_count=self.config.data.batch_size // rows,
+                )
+        self.local_rows = (split_rows, rows)
+        return streams
+
+    def next_batch(self, streams: dict[int, Iterator[np.ndarray]]) -> jax.Array:
+        split_rows, rows = self.local_rows
+        image_shape = self.global_batch_shape()[2:]
+        local = np.zeros((split_rows.stop - split_rows.start, rows, *image_shape), np.uint8)
+        for index, stream in streams.items():
+            local[index - split_rows.start] = next(stream)
+        return parallel.global_array(
+            local, parallel.batch_sharding(self.mesh), self.global_batch_shape()
+        )
+
+    def check_finite(self, losses: np.ndarray, step: int, active: np.ndarray) -> None:
+        for split, loss, is_active in zip(self.splits, losses, active, strict=False):
+            if is_active and not np.isfinite(loss):
+                raise TrainingError(
+                    f"run {split.name}: the loss became {loss} at step {step}; lower "
+                    f"--config.optim.lr or keep --config.optim.clip_norm=1.0 (checkpoints up "
+                    f"to step {self.checkpoints.latest_step()} are kept in "
+                    f"{self.checkpoints.directory})"
+                )
+
+    def train(self) -> None:
+        config = self.config
+        self.states, restored = checkpoints.restore_latest(self.checkpoints, self.states)
+        start = int(restored or 0)
+        last = int(self.totals.max())
+        if restored is not None:
+            logging.info("resuming %s at step %d of %d", self.checkpoints.directory, start, last)
+        streams = self.batch_streams(start)
+        names = ", ".join(split.name for split in self.splits)
+        images_per_step = len(self.splits) * config.data.batch_size
+        bar = tqdm(
+            total=last, initial=start, desc=f"train {names}"[:60], unit="step",
+            disable=jax.process_index() != 0, dynamic_ncols=True,
+        )
+        active_sharding = parallel.stacked_sharding(self.mesh)
+        tick, tick_step = time.perf_counter(), start
+        for step in range(start, last):
+            active_np = step < self.totals
+            active = jax.device_put(active_np, active_sharding)
+            self.states, metrics = self.step_fn(
+                self.states, self.teacher_params, self.next_batch(streams), active
+            )
+            done = step + 1
+            save = done % config.train.checkpoint_every == 0 or done == last
+            if save or done % config.train.log_every == 0:
+                metrics = multihost_utils.process_allgather(metrics, tiled=True)
+                self.check_finite(np.asarray(metrics["loss"]), done, active_np)
+                now = time.perf_counter()
+                rate = (done - tick_step) * images_per_step / max(now - tick, 1e-9)
+                tick, tick_step = now, done
+                bar.set_postfix(loss=f"{float(np.mean(metrics['loss'][: len(self.splits)])):.3f}",
+                                img_s=f"{rate:.0f}")
+                bar.update(done - bar.n)
+                for index, split in enumerate(self.splits):
+                    if split.name in self.writers and active_np[index]:
+                        for key, values in metrics.items():
+                            self.writers[split.name].add_scalar(
+                                f"train/{key}", float(values[index]), done
+                            )
+            if save:
+                self.checkpoints.save(done, args=ocp.args.StandardSave(self.states))
+        bar.close()
+        self.checkpoints.wait_until_finished()
+        for writer in self.writers.values():
+            writer.flush()
+
+    def final_models(self) -> list[dict]:
+        """Each split's trained ``{"params", "anchor"}``, replicated over the mesh."""
+        take = jax.jit(
+            lambda states, index: jax.tree.map(lambda leaf: leaf[index], states),
+            out_shardings=parallel.replicated(self.mesh),
+        )
+        models = []
+        for index in range(len(self.splits)):
+            state = take(self.states, index)
+            models.append({"params": state.params, "anchor": state.anchor})
+        return models
+
+
+def run_dir(workdir: str, name: str) -> str:
+    return os.path.join(workdir, "runs", name.replace("/", "_"))
+
+
+def read_finished(workdir: str, name: str) -> dict | None:
+    """The ``results.json`` entry of a run that finished earlier, or None."""
+    path = os.path.join(run_dir(workdir, name), "result.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as file:
+        return json.load(file)
+
+
+def write_finished(workdir: str, summary: dict) -> None:
+    path = os.path.join(run_dir(workdir, summary["name"]), "result.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as file:
+        json.dump(summary, file, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains and scores every selected split, then writes results.json, results.md and plots.
+
+    Finished runs are skipped; an interrupted group resumes from its last orbax checkpoint and
+    ends with the same numbers as an uninterrupted run.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    names = select_splits(config)
+    teacher_key, _ = split_keys(config.seed)
+    teacher_params, teacher_is_random = load_teacher(config, workdir, teacher_key)
+    if teacher_is_random:
+        logging.warning(RANDOM_TEACHER_WARNING)
+    teacher_model, student_model = build_models(config)
+    teacher_params = prepare_teacher_params(teacher_params, config.method)
+    score_step = make_score_step(config, teacher_model, student_model)
+
+    summaries = {name: read_finished(workdir, name) for name in names}
+    for name, summary in summaries.items():
+        if summary is not None:
+            logging.info("run %s already finished (image AUROC %.4f): skipped", name,
+                         summary["image_auroc"])
+    todo = [name for name in names if summaries[name] is None]
+    group_size = group_size_for(config, len(todo)) if todo else 1
+    for start in range(0, len(todo), group_size):
+        group = todo[start: start + group_size]
+        splits = [load_split(config.data, name) for name in group]
+        trainer = GroupTrainer(
+            config, workdir, splits, [names.index(name) for name in group],
+            teacher_params, teacher_model, student_model,
+        )
+        trainer.train()
+        for split, model in zip(splits, trainer.final_models(), strict=True):
+            directory = run_dir(workdir, split.name)
+            checkpoints.save_tree(os.path.join(directory, "model"), model)
+            summary = evaluate_split(
+                config, split, model, trainer.teacher_params, score_step, trainer.mesh, directory
+            )
+            summary["skipped_images"] = len(split.skipped)
+            if jax.process_index() == 0:
+                write_finished(workdir, summary)
+            summaries[split.name] = summary
+            logging.info(
+                "run %s: image AUROC %.4f, F1 %.3f at threshold %.4f%s", split.name,
+                summary["image_auroc"], summary["f1"], summary["threshold"],
+                "" if summary["pixel_auroc"] is None
+                else f", pixel AUROC {summary['pixel_auroc']:.4f}, PRO {summary['pro']:.4f}",
+            )
+    runs = [summaries[name] for name in names]
+    if jax.process_index() == 0:
+        write_reports(config, workdir, runs, teacher_is_random)
+    return {"runs": runs, "teacher_is_random": teacher_is_random}
+
+
+def write_reports(
+    config: ml_collections.ConfigDict, workdir: str, runs: list[dict], teacher_is_random: bool
+) -> dict:
+    """results.json, results.md, ROC curves and score histograms over every run."""
+    results = reports.write_results(workdir, config.data.name, config, runs, teacher_is_random)
+    arrays = [
+        reports.load_run_arrays(os.path.join(run_dir(workdir, run["name"]), "scores.npz"))
+        for run in runs
+    ]
+    reports.plot_roc_curves(os.path.join(workdir, "roc_curves.png"), arrays)
+    reports.plot_score_histograms(os.path.join(workdir, "score_histograms.png"), arrays)
+    return results
+
+
+def step_memory_bytes(
+    config: ml_collections.ConfigDict, num_splits: int, batch_per_device: int | None = None
+) -> int:
+    """Device memory of the stacked train step for ``num_splits`` splits on ONE device, read
+    from the compiled program's own memory analysis (arguments + outputs + temporaries, less
+    what donation aliases)."""
+    teacher_model, student_model = build_models(config)
+    size = config.data.image_size
+    batch = batch_per_device or config.data.batch_size
+    teacher_shapes = jax.eval_shape(
+        lambda: init_params(teacher_model, size, jax.random.key(0))
+    )
+
+    def init(index):
+        pos_embedding = jnp.zeros(teacher_shapes["pos_embedding"].shape, jnp.float32)
+        return create_train_state(
+            config, pos_embedding, student_model, jax.random.fold_in(jax.random.key(0), index), 1
+        )
+
+    states = jax.eval_shape(jax.vmap(init), jnp.arange(num_splits))
+    images = jax.ShapeDtypeStruct((num_splits, batch, size, size, 3), jnp.uint8)
+    active = jax.ShapeDtypeStruct((num_splits,), jnp.bool_)
+    step = make_stacked_train_step(config, teacher_model, student_model)
+    lowered = jax.jit(step, donate_argnums=0).lower(states, teacher_shapes, images, active)
+    compiled = lowered.compile()
+    analysis = compiled.memory_analysis()
+    return int(
+        analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+        + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes
+    )
+
+
+def device_memory_bytes() -> int:
+    """Memory of one device: the allocator's limit on GPU/TPU, half the host RAM on CPU."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+def auto_parallel_splits(config: ml_collections.ConfigDict, num_splits: int) -> int:
+    """The largest group of splits whose train step fits the device memory (90% of it).
+
+    Memory grows linearly in the splits per device: compile for one and two, extrapolate.
+    """
+    num_devices = jax.device_count()
+    split_axis, data_axis = (
+        tuple(config.mesh_shape) or parallel.choose_mesh_shape(
+            num_splits, config.data.batch_size, num_devices
+        )
+    )
+    batch_per_device = max(config.data.batch_size // data_axis, 1)
+    one = step_memory_bytes(config, 1, batch_per_device)
+    two = step_memory_bytes(config, 2, batch_per_device)
+    per_split = max(two - one, 1)
+    fits_per_device = int((0.9 * device_memory_bytes() - (one - per_split)) // per_split)
+    if fits_per_device < 1:
+        raise FcdError(
+            f"one split needs {one / 2**30:.1f} GiB per device, more than the device has: lower "
+            "--config.data.batch_size, use --config.model.remat=True or more devices on 'data'"
+        )
+    group = min(num_splits, fits_per_device * split_axis)
+    logging.info(
+        "parallel_splits=auto: %.2f GiB per split, %.2f GiB fixed, %d of %d splits at once",
+        per_split / 2**30, (one - per_split) / 2**30, group, num_splits,
+    )
+    return group

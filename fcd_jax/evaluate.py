@@ -1,0 +1,164 @@
+"""Scoring whole image sets with a trained student (METHOD.md "Anomaly score", eqs. 7-10).
+
+One jit-compiled score step goes from uint8 images to image scores and anomaly maps; batches are
+sharded over every device of the mesh; results are gathered to the host of every process.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
+
+from fcd_jax import parallel, reports
+from fcd_jax.datasets.split import Split
+from fcd_jax.errors import FcdError
+from fcd_jax.input_pipeline import eval_batches, preprocess
+from fcd_jax.metrics import summarise_run, threshold_from_normal
+from fcd_jax.scoring import score_images
+
+
+@dataclass
+class ScoredSet:
+    """Scores of every image of a source, in order; maps only where they were asked for."""
+
+    scores: np.ndarray  # float32 [n]
+    maps: np.ndarray | None  # float32 [n, H, W]
+
+
+def make_score_step(
+    config: ml_collections.ConfigDict, teacher_model: nn.Module, student_model: nn.Module
+) -> Callable[[dict, dict, jax.Array, jax.Array], dict[str, jax.Array]]:
+    """Jitted ``step(teacher_params, student_params, anchor, uint8 images) -> {"score", "map"}``."""
+
+    def step(teacher_params, student_params, anchor, images):
+        images = preprocess(images, config.data.image_size, config.data.mean, config.data.std)
+        scored = score_images(
+            teacher_model, student_model, teacher_params, student_params, anchor, images,
+            config.method, config.data.image_size,
+        )
+        return {"score": scored["score"], "map": scored["map"]}
+
+    return jax.jit(step)
+
+
+def all_devices_sharding(mesh: Mesh) -> NamedSharding:
+    """The batch axis over every device of the mesh (evaluation scores one split at a time)."""
+    return NamedSharding(mesh, P((parallel.SPLIT, parallel.DATA)))
+
+
+def eval_batch_size(requested: int, mesh: Mesh) -> int:
+    """The requested eval batch rounded up to a multiple of the device count."""
+    return -(-requested // mesh.size) * mesh.size
+
+
+def score_source(
+    score_step: Callable,
+    teacher_params: dict,
+    student_params: dict,
+    anchor: jax.Array,
+    source,
+    mesh: Mesh,
+    batch_size: int,
+    keep_maps: int | None,
+    progress: Callable[[int], None] = lambda n: None,
+) -> ScoredSet:
+    """Scores every image of ``source`` exactly once.
+
+    ``keep_maps``: ``None`` keeps every map, ``k`` keeps the first k (for heat-map plots).
+    """
+    sharding = all_devices_sharding(mesh)
+    batch_size = eval_batch_size(batch_size, mesh)
+    scores, maps = [], []
+    num_kept = 0
+    for images, valid in eval_batches(
+        source, batch_size, jax.process_index(), jax.process_count()
+    ):
+        global_images = parallel.global_array(images, sharding, (batch_size, *images.shape[1:]))
+        global_valid = parallel.global_array(valid, sharding, (batch_size,))
+        out = score_step(teacher_params, student_params, anchor, global_images)
+        want_maps = keep_maps is None or num_kept < keep_maps
+        fetched = {"score": out["score"], "valid": global_valid}
+        if want_maps:
+            fetched["map"] = out["map"]
+        fetched = multihost_utils.process_allgather(fetched, tiled=True)
+        keep = np.asarray(fetched["valid"], bool)
+        scores.append(np.asarray(fetched["score"], np.float32)[keep])
+        if want_maps:
+            batch_maps = np.asarray(fetched["map"], np.float32)[keep]
+            if keep_maps is not None:
+                batch_maps = batch_maps[: keep_maps - num_kept]
+            maps.append(batch_maps)
+            num_kept += len(batch_maps)
+        progress(int(keep.sum()))
+    return ScoredSet(
+        scores=np.concatenate(scores) if scores else np.zeros((0,), np.float32),
+        maps=np.concatenate(maps) if maps else None,
+    )
+
+
+def heatmap_indices(labels: np.ndarray, count: int) -> np.ndarray:
+    """Up to ``count`` test images for the heat-map grid: anomalous ones first, then normal."""
+    anomalous = np.flatnonzero(labels == 1)[: max(count - count // 4, 1)]
+    normal = np.flatnonzero(labels == 0)[: count - len(anomalous)]
+    return np.concatenate([anomalous, normal])[:count]
+
+
+def evaluate_split(
+    config: ml_collections.ConfigDict,
+    split: Split,
+    model: dict,
+    teacher_params: dict,
+    score_step: Callable,
+    mesh: Mesh,
+    run_dir: str,
+) -> dict:
+    """Scores a trained split and writes its arrays and plots under ``run_dir``.
+
+    The threshold is a quantile of the held-out normal images' scores (METHOD.md "Beyond the
+    paper"); pixel metrics need masks. Returns the run's ``results.json`` entry.
+    """
+    has_masks = split.test_masks is not None
+    with tqdm(
+        total=len(split.holdout_images) + len(split.test_images), desc=f"score {split.name}"[:40],
+        unit="img", disable=jax.process_index() != 0, dynamic_ncols=True,
+    ) as bar:
+        def score(source, keep_maps):
+            return score_source(
+                score_step, teacher_params, model["params"], model["anchor"], source, mesh,
+                config.data.eval_batch_size, keep_maps, bar.update,
+            )
+
+        holdout = score(split.holdout_images, 0)
+        test = score(split.test_images, None if has_masks else 0)
+    if len(holdout.scores) == 0:
+        raise FcdError(
+            f"run {split.name} has no held-out normal images to set the threshold: "
+            "set --config.data.holdout_fraction above 0"
+        )
+    threshold = threshold_from_normal(holdout.scores, config.eval.threshold_quantile)
+    masks = split.test_masks.images if has_masks else None
+    summary = summarise_run(
+        split.name, test.scores, split.test_labels, threshold, maps=test.maps, masks=masks
+    )
+    if jax.process_index() == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        run = dict(summary, scores=test.scores, labels=split.test_labels)
+        reports.save_run_arrays(os.path.join(run_dir, "scores.npz"), run)
+        if has_masks:
+            chosen = heatmap_indices(split.test_labels, config.eval.max_heatmaps)
+            reports.plot_heatmap_grid(
+                os.path.join(run_dir, "heatmaps.png"),
+                split.test_images.get_batch(chosen), test.maps[chosen], masks[chosen],
+                test.scores[chosen], split.test_labels[chosen],
+            )
+    return summary
