@@ -7,15 +7,54 @@ command line, e.g. ``--config.optim.lr=0.05`` or ``--config.method.layers="(3,6,
 import ml_collections
 
 
+def parse_arg(arg: str | None) -> dict[str, str]:
+    """``"variant=Ti/16,runlocal"`` -> ``{"variant": "Ti/16", "runlocal": ""}``."""
+    options = {}
+    for item in (arg or "").split(","):
+        if item.strip():
+            key, _, value = item.partition("=")
+            options[key.strip()] = value.strip()
+    unknown = set(options) - {"variant", "runlocal"}
+    if unknown:
+        raise ValueError(f"unknown config argument(s) {sorted(unknown)}: use variant=V, runlocal")
+    return options
+
+
+def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+    """Config arguments shared by every config: ``variant=Ti/16`` picks the backbone;
+    ``runlocal`` shrinks model and run for a laptop or a test (same method, same layers)."""
+    options = parse_arg(arg)
+    if "variant" in options:
+        config.model.variant = options["variant"]
+    if "runlocal" in options:
+        # A tiny 12-block ViT keeps groupc {3, 6, 9, 11} valid.
+        config.model.update(patch_size=8, width=32, depth=12, num_heads=2, mlp_dim=64)
+        config.data.image_size = 32
+        config.data.batch_size = 4
+        config.data.eval_batch_size = 16
+        config.method.top_k = 4
+        config.train.steps = 2
+        config.train.log_every = 1
+        config.optim.warmup_steps = 1
+    return config
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    del arg
+    """The paper's method with ViT-B/16 on CIFAR-10 settings; see the dataset configs."""
+    return apply_arg(base_config(), arg)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field, with the paper's settings; dataset configs override some, then ``apply_arg``."""
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.splits = "all"  # "all" or a comma-separated list of run names (e.g. "airplane,cat")
 
     # Data (METHOD.md "Training and data protocol").
     config.data = ml_collections.ConfigDict()
-    config.data.name = "cifar10"  # cifar10 | cifar100 | fashion_mnist | mvtec | folder | digits | textures
+    # cifar10 | cifar100 | fashion_mnist | mvtec | folder | digits | textures; a comma-separated
+    # list runs each in turn, in <workdir>/<name>.
+    config.data.name = "cifar10"
     config.data.data_dir = ""  # tfds data_dir; "" = tfds default (~/tensorflow_datasets)
     config.data.root = ""  # mvtec / folder / textures root directory
     config.data.category = ""  # mvtec / folder category ("" = every category under root)
@@ -31,6 +70,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Teacher and student backbone (METHOD.md "Networks").
     config.model = ml_collections.ConfigDict()
     config.model.variant = "B/16"
+    config.model.patch_size = 0  # > 0 overrides the variant's (also width, depth, heads, mlp_dim)
+    config.model.width = 0
+    config.model.depth = 0
+    config.model.num_heads = 0
+    config.model.mlp_dim = 0
     config.model.layernorm_eps = 1e-6  # Google npz and timm: 1e-6; HuggingFace: 1e-12
     config.model.gelu_approximate = False  # timm / HF: exact GELU; vit_jax's flax code: tanh
     config.model.dtype = "float32"  # compute dtype; params, anchor and loss stay float32
@@ -39,7 +83,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.attention_implementation = ""  # "" (auto), "xla" or "cudnn"
 
     config.teacher = ml_collections.ConfigDict()
-    config.teacher.checkpoint = ""  # .npz (Google), .safetensors/.pth (timm), HF dir, or converted dir
+    # .npz (Google), .safetensors / .pth (timm), a HuggingFace directory, or a converted directory.
+    config.teacher.checkpoint = ""
     config.teacher.init = "pretrained"  # "pretrained" | "random" (demo and tests only)
     config.teacher.cache_dir = ""  # where converted teachers are cached; "" = <workdir>/teacher
 
@@ -53,7 +98,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.method.gram_pairs = ()  # () = consecutive pairs of `layers`
     config.method.anchor_update = "mean"  # "mean" (exact running mean, eq. 1) | "ema"
     config.method.anchor_momentum = 0.99  # for anchor_update="ema"
-    config.method.pos_embedding = "copy_frozen"  # "copy_frozen" (strategy 2) | "learned" (strategy 1)
+    # Paper Fig. 7: "copy_frozen" (strategy 2, T's copied and frozen) | "learned" (strategy 1).
+    config.method.pos_embedding = "copy_frozen"
     config.method.top_k = 20
     config.method.image_score = "paper"  # "paper" (S_D + S_A, eq. 10) | "max" (max of the map)
     config.method.map_sigma = 4.0  # Gaussian smoothing of the upsampled anomaly map, in pixels
