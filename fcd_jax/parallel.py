@@ -132,3 +132,9 @@ def jit_stacked_step(
         out_shardings=(state_shardings, stacked_sharding(mesh)),
         donate_argnums=0,
     )
+
+
+def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Every device on ``data`` (one split): evaluation and prediction."""
+    devices = list(devices if devices is not None else jax.devices())
+    return make_mesh(1, len(devices), (1, len(devices)), devices)

@@ -610,3 +610,32 @@ def auto_parallel_splits(config: ml_collections.ConfigDict, num_splits: int) -> 
         per_split / 2**30, (one - per_split) / 2**30, group, num_splits,
     )
     return group
+
+
+def evaluate_saved(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """``--mode=eval``: scores every trained run of ``workdir`` again and rewrites the reports."""
+    names = [name for name in select_splits(config) if read_finished(workdir, name) is not None]
+    if not names:
+        raise FcdError(f"no trained run in {workdir}: train first (--mode=train_and_eval)")
+    teacher_key, _ = split_keys(config.seed)
+    teacher_params, teacher_is_random = load_teacher(config, workdir, teacher_key)
+    teacher_model, student_model = build_models(config)
+    mesh = parallel.data_mesh()
+    teacher_params = jax.device_put(
+        prepare_teacher_params(teacher_params, config.method), parallel.replicated(mesh)
+    )
+    score_step = make_score_step(config, teacher_model, student_model)
+    runs = []
+    for name in names:
+        directory = run_dir(workdir, name)
+        model = checkpoints.load_tree(os.path.join(directory, "model"))
+        summary = evaluate_split(
+            config, load_split(config.data, name), model, teacher_params, score_step, mesh,
+            directory,
+        )
+        if jax.process_index() == 0:
+            write_finished(workdir, summary)
+        runs.append(summary)
+    if jax.process_index() == 0:
+        write_reports(config, workdir, runs, teacher_is_random)
+    return {"runs": runs, "teacher_is_random": teacher_is_random}

@@ -1,0 +1,95 @@
+"""Predict: score new images with a trained run, say yes/no at its threshold, draw heat maps."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from fcd_jax import checkpoints, parallel, reports
+from fcd_jax.datasets.folders import IMAGE_SUFFIXES, list_image_files, load_images
+from fcd_jax.datasets.split import ArraySource
+from fcd_jax.errors import DataError, FcdError
+from fcd_jax.evaluate import make_score_step, score_source
+from fcd_jax.teacher import load_teacher
+from fcd_jax.train import (
+    build_models,
+    prepare_teacher_params,
+    read_finished,
+    run_dir,
+    select_splits,
+    split_keys,
+)
+
+
+def expand_inputs(inputs: str) -> list[Path]:
+    """A file, a directory (its images) or a glob pattern -> image files, sorted."""
+    if not inputs:
+        raise FcdError("nothing to predict: set --config.predict.inputs=PATH, DIRECTORY or GLOB")
+    path = Path(inputs)
+    if path.is_dir():
+        files = list_image_files(path)
+    elif path.is_file():
+        files = [path]
+    else:
+        files = sorted(
+            Path(match) for match in glob.glob(inputs, recursive=True)
+            if Path(match).suffix.lower() in IMAGE_SUFFIXES
+        )
+    if not files:
+        raise DataError(f"no images found at {inputs!r}: give an image, a folder or a glob")
+    return files
+
+
+def trained_run(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """The one run to predict with: ``config.splits`` names it, or the dataset has only one."""
+    names = select_splits(config)
+    trained = [name for name in names if read_finished(workdir, name) is not None]
+    if len(trained) == 1:
+        return trained[0]
+    if not trained:
+        raise FcdError(f"no trained run in {workdir}: train first (--mode=train_and_eval)")
+    raise FcdError(
+        f"{workdir} holds {len(trained)} trained runs ({', '.join(trained)}): "
+        "pick one with --config.splits=NAME"
+    )
+
+
+def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Writes predictions.csv and one heat-map PNG per input image; returns the CSV's path."""
+    name = trained_run(config, workdir)
+    threshold = read_finished(workdir, name)["threshold"]
+    files = expand_inputs(config.predict.inputs)
+    images, kept, skipped = load_images(
+        files, config.data.image_size, config.data.skip_bad_images
+    )
+    if skipped:
+        logging.warning("skipped %d unreadable image(s): %s", len(skipped), ", ".join(skipped))
+    teacher_key, _ = split_keys(config.seed)
+    teacher_params, _ = load_teacher(config, workdir, teacher_key)
+    teacher_model, student_model = build_models(config)
+    mesh = parallel.data_mesh()
+    teacher_params = jax.device_put(
+        prepare_teacher_params(teacher_params, config.method), parallel.replicated(mesh)
+    )
+    model = checkpoints.load_tree(os.path.join(run_dir(workdir, name), "model"))
+    scored = score_source(
+        make_score_step(config, teacher_model, student_model), teacher_params, model["params"],
+        model["anchor"], ArraySource(images), mesh, config.data.eval_batch_size, keep_maps=None,
+    )
+    output_dir = config.predict.output_dir or os.path.join(workdir, "predict")
+    csv_path = reports.write_predictions(
+        output_dir, [str(files[i]) for i in kept], scored.scores, threshold, scored.maps, images
+    )
+    verdicts = scored.scores >= threshold
+    logging.info("run %s: %d of %d images anomalous at threshold %.4f; wrote %s", name,
+                 int(verdicts.sum()), len(verdicts), threshold, csv_path)
+    print(json.dumps({"run": name, "csv": str(csv_path), "anomalous": int(verdicts.sum()),
+                      "images": len(verdicts), "skipped": len(skipped)}))
+    return str(csv_path)
