@@ -9,7 +9,6 @@ from pathlib import Path
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 
 from fcd_jax import checkpoints, parallel, reports
