@@ -1,0 +1,136 @@
+"""fcd_jax/models/vit.py: parameter counts, outputs, scan/remat/truncation equivalence."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fcd_jax.models.vit import build_vit, parse_variant, truncate_params
+
+TINY = dict(variant="Ti/16", patch_size=8, width=32, depth=3, num_heads=4, mlp_dim=64)
+IMAGE_SIZE = 32
+
+
+def count(tree) -> int:
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
+
+
+def reference_count(width, depth, mlp_dim, patch_size, image_size=224) -> int:
+    """Plain arithmetic over the ViT's layers (no classification head)."""
+    tokens = 1 + (image_size // patch_size) ** 2
+    stem = patch_size * patch_size * 3 * width + width + width + tokens * width
+    attention = 4 * (width * width + width)  # query, key, value, out
+    mlp = width * mlp_dim + mlp_dim + mlp_dim * width + width
+    block = 2 * 2 * width + attention + mlp
+    return stem + depth * block + 2 * width
+
+
+# vit_jax's models_test.py pins these with the 1000-class head (B/16: 86,567,656); ours has none:
+# subtract width * 1000 + 1000.
+PINNED_COUNTS = {"Ti/16": 5_524_416, "S/16": 21_665_664, "B/16": 85_798_656, "L/16": 303_301_632}
+VIT_JAX_WITH_HEAD = {"Ti/16": 5_717_416, "S/16": 22_050_664, "B/16": 86_567_656,
+                     "L/16": 304_326_632}
+
+
+@pytest.mark.parametrize("variant", sorted(PINNED_COUNTS))
+def test_parameter_count_is_pinned(variant):
+    model = build_vit({"variant": variant})
+    images = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
+    arch = parse_variant(variant)
+    assert count(shapes) == PINNED_COUNTS[variant]
+    assert count(shapes) == reference_count(arch["width"], arch["depth"], arch["mlp_dim"], 16)
+    assert count(shapes) == VIT_JAX_WITH_HEAD[variant] - (arch["width"] * 1000 + 1000)
+
+
+def test_param_tree_layout():
+    shapes = jax.eval_shape(
+        build_vit(TINY).init, jax.random.key(0),
+        jax.ShapeDtypeStruct((1, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32))["params"]
+    assert shapes["embedding_kernel"].shape == (8, 8, 3, 32)
+    assert shapes["pos_embedding"].shape == (1, 1 + 16, 32)
+    assert shapes["blocks"]["attn"]["query"]["kernel"].shape == (3, 32, 4, 8)
+    assert shapes["blocks"]["attn"]["out"]["kernel"].shape == (3, 4, 8, 32)
+    assert shapes["blocks"]["mlp"]["fc1"]["kernel"].shape == (3, 32, 64)
+    assert set(shapes) == {"embedding_kernel", "embedding_bias", "cls", "pos_embedding", "blocks",
+                           "encoder_norm"}
+
+
+def random_params(model, image_size: int, seed: int = 0):
+    """Random values for every parameter (LayerNorm scales and biases included), from NumPy."""
+    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
+
+
+@functools.cache
+def jitted_apply(model):
+    return jax.jit(model.apply)
+
+
+def apply(model, params, images):
+    return jitted_apply(model)({"params": params}, images)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    params = random_params(build_vit(TINY), IMAGE_SIZE)
+    images = np.random.default_rng(1).standard_normal((2, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
+    return params, images, apply(build_vit(TINY), params, images)
+
+
+def test_output_shapes_and_encoded_is_layernorm_of_last_block(tiny):
+    params, images, outputs = tiny
+    assert outputs["blocks"].shape == (3, 2, 17, 32)
+    assert outputs["encoded"].shape == (2, 17, 32)
+    last = np.asarray(outputs["blocks"][-1], np.float64)
+    mean, var = last.mean(-1, keepdims=True), last.var(-1, keepdims=True)
+    norm = params["encoder_norm"]
+    expected = (last - mean) / np.sqrt(var + 1e-6) * norm["scale"] + norm["bias"]
+    np.testing.assert_allclose(outputs["encoded"], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_first_tokens_are_patch_embedding_plus_position(tiny):
+    """Patchify in NumPy; a block with all-zero weights passes its input through unchanged."""
+    params, images, _ = tiny
+    zero_blocks = jax.tree.map(np.zeros_like, truncate_params(params, 2)["blocks"])
+    params_2 = dict(truncate_params(params, 2), blocks=zero_blocks)
+    out = apply(build_vit(TINY, depth=2), params_2, images)["blocks"]
+    x = np.asarray(images)
+    patches = x.reshape(2, 4, 8, 4, 8, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, 16, 8 * 8 * 3)
+    kernel = np.asarray(params["embedding_kernel"]).reshape(-1, 32)
+    embedded = patches @ kernel + np.asarray(params["embedding_bias"])
+    cls = np.broadcast_to(np.asarray(params["cls"]), (2, 1, 32))
+    expected = np.concatenate([cls, embedded], 1) + np.asarray(params["pos_embedding"])
+    np.testing.assert_allclose(out[0], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[1], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("option", [dict(scan_layers=False), dict(remat=True)])
+def test_scan_and_remat_options_give_identical_numbers(tiny, option):
+    params, images, outputs = tiny
+    other = apply(build_vit(dict(TINY, **option)), params, images)
+    for key in ("blocks", "encoded"):
+        np.testing.assert_allclose(other[key], outputs[key], rtol=1e-6, atol=1e-6)
+
+
+def test_truncated_params_give_the_same_first_blocks(tiny):
+    params, images, outputs = tiny
+    truncated = truncate_params(params, 2)
+    assert truncated["blocks"]["ln1"]["scale"].shape[0] == 2
+    short = apply(build_vit(TINY, depth=2), truncated, images)
+    np.testing.assert_allclose(short["blocks"], outputs["blocks"][:2], rtol=1e-6, atol=1e-6)
+
+
+def test_image_size_not_multiple_of_patch_is_a_clear_error(tiny):
+    params, _, _ = tiny
+    with pytest.raises(ValueError, match="not a multiple of the patch size 8"):
+        build_vit(TINY).apply({"params": params}, jnp.zeros((1, 30, 30, 3)))
+
+
+def test_unknown_variant_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown ViT variant 'X/16'"):
+        parse_variant("X/16")
