@@ -1,0 +1,397 @@
+"""What an evaluation leaves in the workdir: results.json, results.md, PNG plots, predictions.
+
+I/O at the edge: the metrics come from ``fcd_jax.metrics``; this module only formats and writes.
+Plots use matplotlib's object API (``Figure``, rendered by Agg), so no global pyplot state.
+
+A *run* below is a dict ``{"name", "scores" [n], "labels" [n], "threshold"}``, optionally with
+``"maps"`` and ``"masks"`` [n, H, W]; a *summary* is ``metrics.summarise_run``'s dict of a run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from numpy.typing import ArrayLike
+
+from fcd_jax import metrics, paper_results
+
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+ROC_PNG = "roc_curves.png"
+HISTOGRAMS_PNG = "score_histograms.png"
+HEATMAPS_PNG = "heatmaps.png"
+PREDICTIONS_CSV = "predictions.csv"
+RANDOM_TEACHER_WARNING = "teacher is random: numbers are not comparable to the paper"
+
+_HEAT_CMAP = "jet"
+_NORMAL_COLOR, _ANOMALOUS_COLOR = "tab:blue", "tab:red"
+
+
+# ----------------------------------------------------------------------------- results files
+
+
+def _json_safe(value: Any) -> Any:
+    """Nested dicts/lists of str, int, float, bool and None; NaN and inf become None."""
+    if isinstance(value, Mapping):
+        return {str(key): _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple | np.ndarray):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, str | int | bool):
+        return value
+    return str(value)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """A killed run leaves the old file or the new one, never half of one."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [value for value in values if value is not None]
+    return sum(present) / len(present) if present else None
+
+
+def write_results(
+    workdir: str | os.PathLike,
+    dataset: str,
+    config: Any,
+    runs: Sequence[Mapping[str, Any]],
+    teacher_is_random: bool,
+) -> dict[str, Any]:
+    """Writes ``results.json`` and ``results.md`` in ``workdir`` and returns the JSON's content.
+
+    ``runs`` are the runs' summaries (``metrics.summarise_run``); ``config`` is the run's
+    ConfigDict (or a plain dict). The paper's number is put beside ours where it has one.
+    """
+    config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    teacher = "random" if teacher_is_random else config_dict.get("teacher", {}).get("checkpoint")
+    results = _json_safe(
+        dict(
+            dataset=dataset,
+            config=config_dict,
+            teacher=teacher,
+            runs=list(runs),
+            mean_image_auroc=_mean([run["image_auroc"] for run in runs]),
+        )
+    )
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_atomically(workdir / RESULTS_JSON, json.dumps(results, indent=2, allow_nan=False) + "\n")
+    _write_atomically(workdir / RESULTS_MD, results_markdown(results))
+    return results
+
+
+def read_results(workdir: str | os.PathLike) -> dict[str, Any]:
+    """The content of ``workdir/results.json``."""
+    return json.loads((Path(workdir) / RESULTS_JSON).read_text())
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def _signed(ours: float | None, paper: float | None) -> str:
+    return "–" if ours is None or paper is None else f"{100 * ours - paper:+.1f}"
+
+
+def results_markdown(results: Mapping[str, Any]) -> str:
+    """``results.md``: one table row per run, ours beside the paper's, means at the bottom."""
+    dataset, runs = results["dataset"], results["runs"]
+    names = [run["name"] for run in runs]
+    has_paper = dataset in paper_results.PAPER_IMAGE_AUROC
+    has_pixels = any(run.get("pixel_auroc") is not None for run in runs)
+    quantile = results.get("config", {}).get("eval", {}).get("threshold_quantile")
+
+    lines = [f"# FCD results: {dataset}", ""]
+    if results.get("teacher") == "random":
+        lines += [f"**{RANDOM_TEACHER_WARNING}**", ""]
+    else:
+        lines += [f"Teacher: `{results.get('teacher')}`.", ""]
+    threshold_rule = "a threshold" if quantile is None else f"the {quantile} quantile"
+    lines += [
+        f"All numbers in %. F1 at {threshold_rule} of held-out normal images' scores "
+        "(anomalous iff score >= threshold).",
+        "",
+    ]
+
+    header = ["run", "image AUROC"]
+    header += ["paper", "Δ"] if has_paper else []
+    header += ["F1"] + (["pixel AUROC", "PRO (FPR≤0.3)"] if has_pixels else []) + ["n test"]
+    lines += ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
+
+    def row(label: str, summary: Mapping[str, Any], paper: float | None, n_test: str) -> str:
+        cells = [label, _percent(summary["image_auroc"])]
+        if has_paper:
+            cells += ["–" if paper is None else f"{paper:.1f}"]
+            cells += [_signed(summary["image_auroc"], paper)]
+        cells += [_percent(summary["f1"])]
+        if has_pixels:
+            cells += [_percent(summary.get("pixel_auroc")), _percent(summary.get("pro"))]
+        return "| " + " | ".join(cells + [n_test]) + " |"
+
+    for run in runs:
+        paper = paper_results.paper_image_auroc(dataset, run["name"])
+        lines.append(row(run["name"], run, paper, str(run["n_test"])))
+    means = {
+        key: _mean([run.get(key) for run in runs])
+        for key in ("image_auroc", "f1", "pixel_auroc", "pro")
+    }
+    paper_mean = paper_results.paper_mean_image_auroc(dataset, names)
+    lines.append(row(f"**mean of {len(runs)}**", means, paper_mean, ""))
+    return "\n".join(lines) + "\n"
+
+
+def save_run_arrays(path: str | os.PathLike, run: Mapping[str, Any]) -> None:
+    """Saves a run's arrays (scores, labels, threshold, maps and masks if any) as ``.npz``.
+
+    Lets a resumed job plot the runs it finished earlier without scoring them again.
+    """
+    keys = ("scores", "labels", "maps", "masks")
+    arrays = {key: np.asarray(run[key]) for key in keys if run.get(key) is not None}
+    np.savez_compressed(path, name=np.asarray(run["name"]), threshold=run["threshold"], **arrays)
+
+
+def load_run_arrays(path: str | os.PathLike) -> dict[str, Any]:
+    """A run saved by ``save_run_arrays`` (never unpickles: untrusted files run no code)."""
+    with np.load(path, allow_pickle=False) as stored:
+        run = {key: stored[key] for key in stored.files}
+    run["name"], run["threshold"] = str(run["name"]), float(run["threshold"])
+    return run
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _grid(n_panels: int, max_columns: int, panel_size: tuple[float, float]) -> tuple[Figure, list]:
+    """A figure with ``n_panels`` axes in rows of at most ``max_columns``; spare axes hidden."""
+    columns = min(n_panels, max_columns)
+    rows = math.ceil(n_panels / columns)
+    figure = Figure(figsize=(panel_size[0] * columns, panel_size[1] * rows), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for spare in axes[n_panels:]:
+        spare.set_visible(False)
+    return figure, list(axes[:n_panels])
+
+
+def _save(figure: Figure, path: str | os.PathLike) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+
+
+def _draw_roc(axes, run: Mapping[str, Any], label_with_name: bool, color=None) -> None:
+    fpr, tpr = metrics.roc_curve(run["scores"], run["labels"])
+    auroc = metrics.image_auroc(run["scores"], run["labels"])
+    label = f"{run['name']} ({100 * auroc:.1f})" if label_with_name else f"AUROC {100 * auroc:.1f}"
+    axes.plot(fpr, tpr, color=color, linewidth=1.5, label=label)
+    axes.plot([0, 1], [0, 1], color="0.6", linestyle=":", linewidth=1)
+    axes.set(xlim=(0, 1), ylim=(0, 1.01), aspect="equal")
+
+
+def plot_roc_curves(path: str | os.PathLike, runs: Sequence[Mapping[str, Any]]) -> None:
+    """ROC curves of image scores, AUROC (%) in the legend; one axes up to 10 runs, else a grid."""
+    if len(runs) <= 10:
+        figure = Figure(figsize=(6.4, 5.2), layout="constrained")
+        axes = figure.subplots()
+        colors = colormaps["tab10"].colors
+        for run, color in zip(runs, colors, strict=False):
+            _draw_roc(axes, run, label_with_name=True, color=color)
+        axes.set(xlabel="false positive rate", ylabel="true positive rate")
+        axes.set_title("ROC curves (image AUROC, %)")
+        axes.legend(loc="lower right", fontsize="small", frameon=True)
+        axes.grid(alpha=0.3)
+    else:
+        figure, grid = _grid(len(runs), max_columns=5, panel_size=(2.6, 2.7))
+        for axes, run in zip(grid, runs, strict=True):
+            _draw_roc(axes, run, label_with_name=False, color=_NORMAL_COLOR)
+            axes.set_title(run["name"], fontsize="small")
+            axes.legend(loc="lower right", fontsize="x-small", handlelength=1)
+            axes.tick_params(labelsize="x-small")
+        figure.supxlabel("false positive rate")
+        figure.supylabel("true positive rate")
+        figure.suptitle("ROC curves (image AUROC, %)")
+    _save(figure, path)
+
+
+def plot_score_histograms(path: str | os.PathLike, runs: Sequence[Mapping[str, Any]]) -> None:
+    """Per run: histograms of normal and anomalous test scores, and the threshold as a line."""
+    figure, grid = _grid(len(runs), max_columns=5, panel_size=(3.2, 2.4))
+    for axes, run in zip(grid, runs, strict=True):
+        scores = np.asarray(run["scores"], dtype=np.float64)
+        labels = np.asarray(run["labels"]).astype(bool)
+        bins = np.histogram_bin_edges(np.append(scores, run["threshold"]), bins=30)
+        for kind, selected, color in (
+            ("normal", ~labels, _NORMAL_COLOR),
+            ("anomalous", labels, _ANOMALOUS_COLOR),
+        ):
+            axes.hist(
+                scores[selected], bins=bins, density=True, alpha=0.55, color=color, label=kind
+            )
+        axes.axvline(run["threshold"], color="black", linestyle="--", linewidth=1.2)
+        auroc = metrics.image_auroc(scores, labels)
+        counts = f"{int((~labels).sum())} normal, {int(labels.sum())} anomalous"
+        axes.set_title(f"{run['name']} (AUROC {100 * auroc:.1f})\n{counts}", fontsize="small")
+        axes.tick_params(labelsize="x-small")
+        axes.set_yticks([])
+    handles, names = grid[0].get_legend_handles_labels()
+    handles.append(Line2D([], [], color="black", linestyle="--", linewidth=1.2))
+    figure.legend(handles, [*names, "threshold"], loc="outside upper right", ncols=3)
+    figure.supxlabel("anomaly score")
+    figure.suptitle("Test scores: normal vs anomalous (density)")
+    _save(figure, path)
+
+
+def _displayable(image: ArrayLike) -> np.ndarray:
+    """An image as [H, W] or [H, W, 3] floats in [0, 1] (uint8 divided, others rescaled)."""
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if image.dtype == np.uint8:
+        return image / 255.0
+    image = image.astype(np.float64)
+    low, high = image.min(), image.max()
+    if low < 0.0 or high > 1.0:  # e.g. normalised to [-1, 1]
+        image = (image - low) / (high - low) if high > low else np.zeros_like(image)
+    return image
+
+
+def _draw_image(axes, image: ArrayLike, title: str) -> None:
+    axes.imshow(_displayable(image), cmap="gray", vmin=0.0, vmax=1.0)
+    axes.set_title(title, fontsize="small")
+    axes.set_axis_off()
+
+
+def _draw_overlay(
+    axes, image: ArrayLike, heat_map: ArrayLike, norm: Normalize, title: str, outline=None
+) -> None:
+    """The image with its anomaly map over it (stretched to the image size) and, if given, the
+    ground-truth mask's outline in white."""
+    image = _displayable(image)
+    height, width = image.shape[:2]
+    axes.imshow(image, cmap="gray", vmin=0.0, vmax=1.0)
+    axes.imshow(
+        np.asarray(heat_map, dtype=np.float64),
+        cmap=_HEAT_CMAP,
+        norm=norm,
+        alpha=0.5,
+        extent=(-0.5, width - 0.5, height - 0.5, -0.5),
+        interpolation="bilinear",
+    )
+    if outline is not None and np.any(outline):
+        axes.contour(
+            np.asarray(outline, dtype=np.float64), levels=[0.5], colors="white", linewidths=0.8
+        )
+    axes.set_title(title, fontsize="small")
+    axes.set_axis_off()
+
+
+def _add_colorbar(figure: Figure, norm: Normalize, axes, **options) -> None:
+    """A colorbar in the maps' opaque colours (the overlays are half transparent)."""
+    figure.colorbar(ScalarMappable(norm, _HEAT_CMAP), ax=axes, label="anomaly map", **options)
+
+
+def _map_norm(maps: ArrayLike) -> Normalize:
+    """One colour scale over all maps, so that colours compare across images."""
+    maps = np.asarray(maps, dtype=np.float64)
+    low, high = float(maps.min()), float(maps.max())
+    return Normalize(low, max(high, low + 1e-12))
+
+
+def plot_heatmap_grid(
+    path: str | os.PathLike,
+    images: ArrayLike,
+    maps: ArrayLike,
+    masks: ArrayLike | None,
+    scores: ArrayLike,
+    labels: ArrayLike,
+    threshold: float | None = None,
+) -> None:
+    """Rows of image | anomaly-map overlay | ground-truth mask (no mask column if masks is None).
+
+    images [n, H, W(, C)], maps [n, h, w] (any size; stretched over the image), masks
+    [n, H, W]. Titles give the label and the score (and the verdict when a threshold is given);
+    the mask's outline is drawn on the overlay; one colour scale and colorbar for all maps. More
+    than 8 images are laid out side by side.
+    """
+    images, maps, scores = np.asarray(images), np.asarray(maps), np.asarray(scores)
+    labels = np.asarray(labels).astype(bool)
+    n_images, per_image = len(images), 2 if masks is None else 3
+    groups = math.ceil(n_images / 8)
+    rows = math.ceil(n_images / groups)
+    figure = Figure(figsize=(2.3 * per_image * groups + 1.0, 2.4 * rows), layout="constrained")
+    axes = figure.subplots(rows, per_image * groups, squeeze=False)
+    for spare in axes.ravel():
+        spare.set_axis_off()
+    norm = _map_norm(maps)
+    for index in range(n_images):
+        row, group = index % rows, index // rows
+        cells = axes[row, group * per_image : (group + 1) * per_image]
+        label = "anomalous" if labels[index] else "normal"
+        _draw_image(cells[0], images[index], f"#{index} label: {label}")
+        title = f"score {scores[index]:.3g}"
+        if threshold is not None:
+            title += " → " + ("anomalous" if scores[index] >= threshold else "normal")
+        mask = None if masks is None else np.asarray(masks[index], dtype=np.float64)
+        _draw_overlay(cells[1], images[index], maps[index], norm, title, outline=mask)
+        if mask is not None:
+            _draw_image(cells[2], mask, "ground truth")
+    _add_colorbar(figure, norm, axes, shrink=0.5, aspect=30)
+    figure.suptitle("Anomaly maps" + (" and ground truth" if masks is not None else ""))
+    _save(figure, path)
+
+
+def write_predictions(
+    output_dir: str | os.PathLike,
+    paths: Sequence[str],
+    scores: ArrayLike,
+    threshold: float,
+    maps: ArrayLike | None,
+    images: ArrayLike | None,
+) -> Path:
+    """Predict's outputs: ``predictions.csv`` (path, score, threshold, verdict, heatmap) and
+    one ``<name>.png`` per image (image | anomaly-map overlay). Returns the CSV's path."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    scores = np.asarray(scores, dtype=np.float64)
+    norm = None if maps is None else _map_norm(maps)
+    used_names: set[str] = set()
+    rows = []
+    for index, (image_path, score) in enumerate(zip(paths, scores, strict=True)):
+        verdict = "anomalous" if score >= threshold else "normal"
+        heatmap_name = ""
+        if maps is not None and images is not None:
+            heatmap_name = Path(image_path).stem + ".png"
+            if heatmap_name in used_names:  # same file name in two directories
+                heatmap_name = f"{Path(image_path).stem}_{index}.png"
+            used_names.add(heatmap_name)
+            figure = Figure(figsize=(6.4, 3.3), layout="constrained")
+            left, right = figure.subplots(1, 2)
+            _draw_image(left, images[index], Path(image_path).name)
+            _draw_overlay(right, images[index], maps[index], norm, "anomaly map")
+            _add_colorbar(figure, norm, right, shrink=0.8)
+            figure.suptitle(f"score {score:.4g} (threshold {threshold:.4g}): {verdict}")
+            _save(figure, output_dir / heatmap_name)
+        rows.append([str(image_path), f"{score:.6g}", f"{threshold:.6g}", verdict, heatmap_name])
+    csv_path = output_dir / PREDICTIONS_CSV
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "score", "threshold", "verdict", "heatmap"])
+        writer.writerows(rows)
+    return csv_path
