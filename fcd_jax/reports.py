@@ -60,7 +60,7 @@ def _json_safe(value: Any) -> Any:
 def _write_atomically(path: Path, text: str) -> None:
     """A killed run leaves the old file or the new one, never half of one."""
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
+    temporary.write_text(text, encoding="utf-8")
     os.replace(temporary, path)
 
 
@@ -81,6 +81,10 @@ def write_results(
     ``runs`` are the runs' summaries (``metrics.summarise_run``); ``config`` is the run's
     ConfigDict (or a plain dict). The paper's number is put beside ours where it has one.
     """
+    if any("image_auroc" not in run for run in runs):
+        raise ValueError(
+            "write_results takes summaries: pass metrics.summarise_run(...) of each run"
+        )
     config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     teacher = "random" if teacher_is_random else config_dict.get("teacher", {}).get("checkpoint")
     results = _json_safe(
@@ -101,7 +105,7 @@ def write_results(
 
 def read_results(workdir: str | os.PathLike) -> dict[str, Any]:
     """The content of ``workdir/results.json``."""
-    return json.loads((Path(workdir) / RESULTS_JSON).read_text())
+    return json.loads((Path(workdir) / RESULTS_JSON).read_text(encoding="utf-8"))
 
 
 def _percent(value: float | None) -> str:
@@ -156,6 +160,13 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     }
     paper_mean = paper_results.paper_mean_image_auroc(dataset, names)
     lines.append(row(f"**mean of {len(runs)}**", means, paper_mean, ""))
+    printed_mean = paper_results.PAPER_MEAN_IMAGE_AUROC.get(dataset)
+    if paper_mean is not None and paper_mean != printed_mean:
+        lines += [
+            "",
+            f"The paper's mean above is over these {len(runs)} runs; its mean over all "
+            f"{len(paper_results.PAPER_IMAGE_AUROC[dataset])} is {printed_mean:.1f}.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -390,7 +401,7 @@ def write_predictions(
             _save(figure, output_dir / heatmap_name)
         rows.append([str(image_path), f"{score:.6g}", f"{threshold:.6g}", verdict, heatmap_name])
     csv_path = output_dir / PREDICTIONS_CSV
-    with open(csv_path, "w", newline="") as handle:
+    with open(csv_path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "score", "threshold", "verdict", "heatmap"])
         writer.writerows(rows)

@@ -79,8 +79,9 @@ def test_results_markdown_has_paper_numbers_and_random_teacher_warning(tmp_path)
     ours = 100 * summaries[0]["image_auroc"]
     assert f"| {ours:.1f} | 97.3 | {ours - 97.3:+.1f} |" in airplane
     assert "| 92.8 |" in next(line for line in lines if line.startswith("| cat |"))
-    mean_row = lines[-1]
-    assert mean_row.startswith("| **mean of 2** |") and f"| {(97.3 + 92.8) / 2:.1f} |" in mean_row
+    mean_row = next(line for line in lines if line.startswith("| **mean of 2** |"))
+    assert f"| {(97.3 + 92.8) / 2:.1f} |" in mean_row
+    assert lines[-1] == "The paper's mean above is over these 2 runs; its mean over all 10 is 96.3."
     assert "pixel AUROC" not in text  # no run has masks
 
 
@@ -102,6 +103,8 @@ def test_results_markdown_full_table_uses_printed_mean_and_pixel_columns(tmp_pat
 def test_results_markdown_without_paper_numbers(tmp_path):
     summaries = [summarise(make_run("my_parts", 0))]
     reports.write_results(tmp_path, "folder", make_config(), summaries, False)
+    with pytest.raises(ValueError, match="summarise_run"):
+        reports.write_results(tmp_path, "folder", make_config(), [make_run("my_parts", 0)], False)
     header = next(
         line for line in (tmp_path / "results.md").read_text().splitlines() if "run" in line
     )
