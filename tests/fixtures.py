@@ -29,7 +29,7 @@ def default_data_config(**overrides):
 def _normal_image(rng: np.random.Generator, size: int) -> np.ndarray:
     """A smooth random RGB image (a 4x4 grid upsampled), darker than 200 everywhere."""
     coarse = rng.integers(20, 180, size=(4, 4, 3), dtype=np.uint8)
-    return np.asarray(Image.fromarray(coarse).resize((size, size), Image.BILINEAR))
+    return np.array(Image.fromarray(coarse).resize((size, size), Image.BILINEAR))
 
 
 def defect_square(rng: np.random.Generator, size: int) -> tuple[slice, slice]:
