@@ -1,0 +1,172 @@
+"""The anomaly score (METHOD.md "Anomaly score", paper eqs. 7-10) and per-patch anomaly maps
+(METHOD.md "Beyond the paper").
+
+Inputs are the ViT's ``"blocks"`` arrays ``[num_layers, batch, tokens, width]``, cls token first,
+indexed by 0-based block number; everything is computed in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fcd_jax.errors import FcdError
+from fcd_jax.losses import anchor_distance, cls_tokens, select_layers, token_diff
+
+IMAGE_SCORES = ("paper", "max")
+GAUSSIAN_TRUNCATE = 4.0  # kernel radius in sigmas, as scipy.ndimage.gaussian_filter
+
+
+def top_k_mean(values: jax.Array, k: int) -> jax.Array:
+    """AvgTopk (eq. 9): mean of the k largest entries over the last axis."""
+    k = int(k)
+    size = values.shape[-1]
+    if not 1 <= k <= size:
+        raise FcdError(
+            f"top_k = {k} but there are {size} patch tokens: set method.top_k between 1 and {size}"
+        )
+    return jnp.mean(jax.lax.top_k(values, k)[0], axis=-1)
+
+
+def _image_hw(image_size: int | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(image_size, int):
+        return image_size, image_size
+    height, width = image_size
+    return int(height), int(width)
+
+
+def _patch_grid(num_patches: int, grid_shape: tuple[int, int] | None) -> tuple[int, int]:
+    if grid_shape is None:
+        side = math.isqrt(num_patches)
+        if side * side != num_patches:
+            raise FcdError(
+                f"{num_patches} patch tokens do not form a square grid: pass grid_shape=(h, w)"
+            )
+        return side, side
+    grid_h, grid_w = (int(n) for n in grid_shape)
+    if grid_h * grid_w != num_patches:
+        raise FcdError(f"grid_shape {grid_shape} does not hold the {num_patches} patch tokens")
+    return grid_h, grid_w
+
+
+def gaussian_kernel(sigma: float) -> np.ndarray:
+    """Normalised 1-D Gaussian taps, radius int(4 sigma + 0.5), as scipy.ndimage."""
+    radius = int(GAUSSIAN_TRUNCATE * sigma + 0.5)
+    offsets = np.arange(-radius, radius + 1, dtype=np.float64)
+    taps = np.exp(-0.5 * (offsets / sigma) ** 2)
+    return (taps / taps.sum()).astype(np.float32)
+
+
+def gaussian_blur(maps: jax.Array, sigma: float) -> jax.Array:
+    """Separable Gaussian smoothing of ``[batch, H, W]`` maps, sigma in pixels; sigma 0 = identity.
+
+    Borders are padded by mirroring with the edge pixel repeated (``d c b a | a b c d``), which is
+    scipy.ndimage's ``mode="reflect"`` (numpy's ``"symmetric"``).
+    """
+    if sigma < 0:
+        raise FcdError(f"map_sigma = {sigma} is negative: use 0 (no smoothing) or pixels")
+    if sigma == 0:
+        return maps
+    taps = jnp.asarray(gaussian_kernel(sigma))
+    radius = taps.shape[0] // 2
+    padded = jnp.pad(maps, ((0, 0), (radius, radius), (radius, radius)), mode="symmetric")
+    smoothed = padded[:, None]  # [batch, 1, H + 2r, W + 2r]: NCHW
+    for kernel in (taps[None, None, :, None], taps[None, None, None, :]):  # along H, then W
+        smoothed = jax.lax.conv_general_dilated(
+            smoothed, kernel, (1, 1), "VALID", precision=jax.lax.Precision.HIGHEST
+        )
+    return smoothed[:, 0]
+
+
+def anomaly_map(
+    patch_diff: jax.Array, image_size: int | tuple[int, int], sigma: float
+) -> jax.Array:
+    """Per-pixel anomaly map ``[batch, H, W]`` (METHOD.md "Beyond the paper").
+
+    The ``[batch, grid_h, grid_w]`` patch grid is upsampled bilinearly (``jax.image.resize``, half
+    pixel centres) to the image size, then smoothed by :func:`gaussian_blur`.
+    """
+    height, width = _image_hw(image_size)
+    patch_diff = patch_diff.astype(jnp.float32)
+    upsampled = jax.image.resize(patch_diff, (patch_diff.shape[0], height, width), "bilinear")
+    return gaussian_blur(upsampled, sigma)
+
+
+def anomaly_scores(
+    teacher_blocks: jax.Array,
+    student_blocks: jax.Array,
+    anchor: jax.Array,
+    config: Any,
+    *,
+    grid_shape: tuple[int, int] | None = None,
+    image_size: int | tuple[int, int] | None = None,
+) -> dict[str, jax.Array]:
+    """Image scores and per-patch differences (METHOD.md eqs. 7-10).
+
+    - ``s_d`` = sum_{c in layers} (Diff_{c,cls} + AvgTopk_p Diff_{c,p}) (eq. 9), k = ``top_k``;
+    - ``s_a`` = ||T_cls - anchor|| + ||S_cls - anchor|| (eq. 7), summed over the anchor layers;
+    - ``patch_diff`` = sum_{c in layers} Diff_{c,p} on the ``[batch, grid_h, grid_w]`` patch grid
+      (square unless ``grid_shape`` is given);
+    - ``score``: ``image_score="paper"``: S_D + S_A (eq. 10); ``"max"``: the maximum of the
+      smoothed anomaly map, which needs ``image_size``;
+    - ``map`` (only when ``image_size`` is given): :func:`anomaly_map` with sigma ``map_sigma``.
+
+    ``config`` is ``config.method``.
+    """
+    if config.image_score not in IMAGE_SCORES:
+        raise FcdError(
+            f"unknown image_score {config.image_score!r}: use one of "
+            f"{', '.join(map(repr, IMAGE_SCORES))}"
+        )
+    batch, num_patches = student_blocks.shape[1], student_blocks.shape[2] - 1
+    grid_shape = _patch_grid(num_patches, grid_shape)
+    teacher = select_layers(teacher_blocks, config.layers, "teacher layers")
+    student = select_layers(student_blocks, config.layers, "student layers")
+    diff = token_diff(teacher, student)  # [layers, batch, tokens]
+    s_d = jnp.sum(diff[..., 0] + top_k_mean(diff[..., 1:], config.top_k), axis=0)
+    s_a = jnp.sum(
+        anchor_distance(cls_tokens(teacher_blocks, config.anchor_layers), anchor)
+        + anchor_distance(cls_tokens(student_blocks, config.anchor_layers), anchor),
+        axis=0,
+    )
+    patch_diff = jnp.sum(diff[..., 1:], axis=0).reshape(batch, *grid_shape)
+    scores = {"score": s_d + s_a, "s_a": s_a, "s_d": s_d, "patch_diff": patch_diff}
+    if image_size is not None:
+        scores["map"] = anomaly_map(patch_diff, image_size, float(config.map_sigma))
+    if config.image_score == "max":
+        if image_size is None:
+            raise FcdError('image_score="max" scores the anomaly map: pass image_size')
+        scores["score"] = jnp.max(scores["map"], axis=(1, 2))
+    return scores
+
+
+def make_score_fn(
+    teacher_model: nn.Module,
+    student_model: nn.Module,
+    method_config: Any,
+    image_size: int | tuple[int, int],
+) -> Callable[[Any, Any, jax.Array, jax.Array], dict[str, jax.Array]]:
+    """A jitted ``fn(teacher_params, student_params, anchor, images) -> anomaly_scores(...)`` from
+    normalised NHWC images to scores, ``patch_diff`` and the ``map`` at ``image_size``."""
+    map_size = _image_hw(image_size)
+
+    @jax.jit
+    def score_fn(
+        teacher_params: Any, student_params: Any, anchor: jax.Array, images: jax.Array
+    ) -> dict[str, jax.Array]:
+        teacher_blocks = teacher_model.apply({"params": teacher_params}, images)["blocks"]
+        student_blocks = student_model.apply({"params": student_params}, images)["blocks"]
+        patch = student_model.patch_size
+        grid_shape = (images.shape[1] // patch, images.shape[2] // patch)
+        return anomaly_scores(
+            teacher_blocks, student_blocks, anchor, method_config,
+            grid_shape=grid_shape, image_size=map_size,
+        )
+
+    return score_fn
