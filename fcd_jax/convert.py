@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -121,8 +122,17 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
     except CheckpointError:
         raise
     except Exception as error:  # zip, pickle, torch and safetensors errors share no base class
+        detail = _one_line(error)
+        if isinstance(error, pickle.UnpicklingError):  # torch's message spans many lines
+            found = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
+            detail = found.group(1).strip() if found else detail
+            if detail.startswith("Unsupported global"):
+                raise CheckpointError(
+                    f"{path} holds Python objects besides tensors ({detail.split(' was ')[0]}), "
+                    "never unpickled here: save model.state_dict() alone, or use .safetensors"
+                ) from error
         raise CheckpointError(
-            f"cannot read {path}: corrupt or truncated file ({_one_line(error)}); download it again"
+            f"cannot read {path}: corrupt or truncated file ({detail}); download it again"
         ) from error
 
 
@@ -491,15 +501,13 @@ def _huggingface_folder(path: Path) -> tuple[Path, dict]:
     weights = next((path / name for name in HF_WEIGHT_FILES if (path / name).is_file()), None)
     if weights is None:
         raise CheckpointError(f"{path} has config.json but none of {', '.join(HF_WEIGHT_FILES)}")
+    preprocessor = path / "preprocessor_config.json"
     try:
         config = json.loads(config_file.read_text())
+        preprocessing = json.loads(preprocessor.read_text()) if preprocessor.is_file() else {}
     except (OSError, ValueError) as error:
-        raise CheckpointError(f"cannot read {config_file}: {_one_line(error)}") from error
-    preprocessor = path / "preprocessor_config.json"
-    if preprocessor.is_file():
-        with preprocessor.open() as handle:
-            preprocessing = json.load(handle)
-        config |= {k: preprocessing[k] for k in ("image_mean", "image_std") if k in preprocessing}
+        raise CheckpointError(f"cannot read the JSON files in {path}: {_one_line(error)}") from None
+    config |= {k: preprocessing[k] for k in ("image_mean", "image_std") if k in preprocessing}
     return weights, config
 
 
@@ -565,9 +573,10 @@ def save_converted(directory: str | os.PathLike, params: Params, arch: Mapping[s
             directory.rmdir()
         os.replace(partial, directory)
     except OSError:
-        shutil.rmtree(partial, ignore_errors=True)
         if not is_converted(directory):  # lost a race against another writer: theirs is as good
             raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return directory
 
 

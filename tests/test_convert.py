@@ -5,6 +5,7 @@ written by hand in the timm and Google layouts (from the documented key mappings
 would pull another torch), and every layout must convert to the same params and features.
 """
 
+import argparse
 import functools
 import json
 
@@ -332,6 +333,30 @@ def test_wrong_architecture(reference, tmp_path):
     mlp_mismatch["blocks.2.mlp.fc1.weight"] = np.ones((2 * MLP, WIDTH), np.float32)
     save_file(mlp_mismatch, tmp_path / "mixed.safetensors")
     one_line_error(tmp_path / "mixed.safetensors", "inconsistent shapes", num_heads=HEADS)
+
+
+def test_torch_training_checkpoint(reference, hf_converted, tmp_path):
+    """``{"model": state_dict, ...}`` is unwrapped; pickled Python objects are refused."""
+    state = {k: torch.from_numpy(v) for k, v in timm_state(reference["hub_state"]).items()}
+    torch.save({"model": state, "epoch": 3}, tmp_path / "train.pth")
+    params, _ = convert.convert_checkpoint(tmp_path / "train.pth", num_heads=HEADS)
+    jax.tree.map(np.testing.assert_array_equal, params, hf_converted[0])
+    torch.save({"model": state, "args": argparse.Namespace(lr=0.1)}, tmp_path / "args.pth")
+    one_line_error(tmp_path / "args.pth", "Python objects besides tensors .*argparse.Namespace",
+                   num_heads=HEADS)
+
+
+def test_bfloat16_safetensors(reference, hf_converted, tmp_path):
+    from safetensors.torch import save_file as save_torch_file
+
+    state = timm_state(reference["hub_state"])
+    state = {k: torch.from_numpy(v).bfloat16() for k, v in state.items()}
+    save_torch_file(state, tmp_path / "bf16.safetensors")
+    params, _ = convert.convert_checkpoint(tmp_path / "bf16.safetensors", num_heads=HEADS)
+    to_bfloat16 = lambda x: torch.from_numpy(x).bfloat16().float().numpy()
+    rounded = jax.tree.map(to_bfloat16, hf_converted[0])
+    jax.tree.map(np.testing.assert_array_equal, params, rounded)
+    assert params["embedding_kernel"].dtype == np.float32
 
 
 def test_check_params_names_key_and_both_shapes(hf_converted):
