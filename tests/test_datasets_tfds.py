@@ -156,6 +156,19 @@ def test_tf_free_prepare_fashion_mnist(tmp_path):
     np.testing.assert_array_equal(got_labels, labels[positions])
 
 
+def test_array_record_reader_matches_tfds_data_source(tmp_path, cifar100_download):
+    with patched_download(cifar100_download):
+        tfds_one_class.prepare("cifar100", str(tmp_path / "tfds"))
+    builder = tfds.builder("cifar100", data_dir=str(tmp_path / "tfds"))
+    for split in ("train", "test"):
+        fast = tfds_one_class._read_array_record(builder, split, "coarse_label")
+        public = tfds_one_class._read_data_source(
+            "cifar100", split, str(tmp_path / "tfds"), "coarse_label"
+        )
+        np.testing.assert_array_equal(fast[0], public[0])
+        np.testing.assert_array_equal(fast[1], public[1])
+
+
 def test_prepared_dataset_with_other_class_names_is_refused(tmp_path):
     download = fake_cifar100_download(tmp_path / "dl", 10, [f"super{i}" for i in range(20)])
     with patched_download(download):

@@ -15,6 +15,7 @@ without TensorFlow (``python -m fcd_jax.datasets.tfds_one_class cifar10 --data_d
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import io
 import os
@@ -48,30 +49,79 @@ def _how_to_prepare(dataset: str, data_dir: str) -> str:
     )
 
 
-def _open_source(dataset: str, split: str, data_dir: str | None, download: bool):
-    """``tfds.data_source`` for one split; prepares it first if missing and ``download`` is set."""
+def _prepared_builder(dataset: str, data_dir: str | None, download: bool):
+    """The tfds builder of ``dataset`` prepared as array_record (prepared here first if missing
+    and ``download``), or None where tfds serves data without files (``tfds.testing.mock_data``).
+    """
     import tensorflow_datasets as tfds
 
-    try:
-        return tfds.data_source(dataset, split=split, data_dir=data_dir, download=False)
-    except Exception as error:  # tfds raises several types for a missing or tfrecord dataset
-        builder = tfds.builder(dataset, data_dir=data_dir)
-        root = str(builder.data_dir_root)
-        if builder.is_prepared():
-            if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
-                raise DataError(
-                    f"tfds {dataset} in {builder.data_dir} is in {builder.info.file_format.value} "
-                    f"format, which has no random access; rebuild it with array_record: "
-                    f"{_how_to_prepare(dataset, root)}"
-                ) from None
-            raise DataError(f"cannot read tfds {dataset} in {builder.data_dir}: {error}") from None
-        if not download:
+    builder = tfds.builder(dataset, data_dir=data_dir)
+    root = str(builder.data_dir_root)
+    if builder.is_prepared():
+        if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
             raise DataError(
-                f"tfds dataset {dataset} is not prepared in {root}: "
+                f"tfds {dataset} in {builder.data_dir} is in {builder.info.file_format.value} "
+                f"format, which has no random access; rebuild it with array_record: "
                 f"{_how_to_prepare(dataset, root)}"
-            ) from None
+            )
+        return builder
+    try:  # a mocked tfds serves examples although nothing is prepared
+        tfds.data_source(dataset, split="test", data_dir=data_dir, download=False)
+        return None
+    except Exception:  # tfds raises several types for a missing dataset
+        pass
+    if not download:
+        raise DataError(
+            f"tfds dataset {dataset} is not prepared in {root}: {_how_to_prepare(dataset, root)}"
+        )
     prepare(dataset, data_dir)
-    return tfds.data_source(dataset, split=split, data_dir=data_dir, download=False)
+    return tfds.builder(dataset, data_dir=data_dir)
+
+
+def _check_names(dataset: str, names: list[str]) -> None:
+    label_key, run_names = RUN_LABELS[dataset]
+    if names != [str(i) for i in range(len(names))] and names != list(run_names):
+        raise DataError(
+            f"tfds {dataset} names its {label_key} classes {names[:3]}..., not "
+            f"{list(run_names[:3])}...; prepare it again with this version of tfds"
+        )
+
+
+def _decode_png(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image, dtype=np.uint8).reshape(shape)
+
+
+def _read_array_record(builder, split: str, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Reads the split's array_record files directly: records are tf.train.Example protos
+    (tfds's own serialisation); PNG decoding in threads. ~20x faster than per-example tfds decoding.
+    """
+    from array_record.python.array_record_data_source import ArrayRecordDataSource
+    from tensorflow_datasets.proto import tf_example_pb2
+
+    records = ArrayRecordDataSource([os.fspath(p) for p in builder.info.splits[split].filepaths])
+    encoded, labels = [], np.empty(len(records), np.int32)
+    for start in range(0, len(records), 8192):
+        chunk = records.__getitems__(range(start, min(start + 8192, len(records))))
+        for offset, record in enumerate(chunk):
+            feature = tf_example_pb2.Example.FromString(record).features.feature
+            encoded.append(feature["image"].bytes_list.value[0])
+            labels[start + offset] = feature[label_key].int64_list.value[0]
+    shape = builder.info.features["image"].shape
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        images = list(pool.map(functools.partial(_decode_png, shape=shape), encoded, chunksize=256))
+    return np.stack(images), labels
+
+
+def _read_data_source(dataset: str, split: str, data_dir: str | None, label_key: str):
+    """Reads via the public ``tfds.data_source``, one example at a time (all the mock offers)."""
+    import tensorflow_datasets as tfds
+
+    source = tfds.data_source(dataset, split=split, data_dir=data_dir, download=False)
+    _check_names(dataset, list(source.dataset_info.features[label_key].names))
+    examples = [source[index] for index in range(len(source))]
+    images = np.stack([example["image"] for example in examples]).astype(np.uint8)
+    return images, np.array([example[label_key] for example in examples], np.int32)
 
 
 @functools.lru_cache(maxsize=2)
@@ -80,23 +130,16 @@ def read_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """A whole tfds split in host memory: (images uint8 ``[n, h, w, c]``, run labels int32 ``[n]``).
 
-    Cached per process (read-only arrays), so the runs of one dataset read it once.
+    In the order of tfds's records; cached per process (read-only arrays), so the runs of one
+    dataset read it once.
     """
-    source = _open_source(dataset, split, data_dir, download)
-    label_key, run_names = RUN_LABELS[dataset]
-    names = list(source.dataset_info.features[label_key].names)
-    if names != [str(i) for i in range(len(names))] and names != list(run_names):
-        raise DataError(
-            f"tfds {dataset} in {data_dir} names its {label_key} classes {names[:3]}..., "
-            f"not {list(run_names[:3])}...; prepare it again with this tfds version"
-        )
-    first = source[0]
-    images = np.empty((len(source), *np.shape(first["image"])), np.uint8)
-    labels = np.empty(len(source), np.int32)
-    for index in range(len(source)):  # one at a time: the public API that tfds' mock supports
-        example = first if index == 0 else source[index]
-        images[index] = example["image"]
-        labels[index] = example[label_key]
+    label_key = RUN_LABELS[dataset][0]
+    builder = _prepared_builder(dataset, data_dir, download)
+    if builder is None:
+        images, labels = _read_data_source(dataset, split, data_dir, label_key)
+    else:
+        _check_names(dataset, list(builder.info.features[label_key].names))
+        images, labels = _read_array_record(builder, split, label_key)
     images.flags.writeable = False
     labels.flags.writeable = False
     return images, labels
@@ -109,8 +152,8 @@ def load_split(data_config, name: str) -> Split:
     normal_class = class_names.index(name)
     data_dir = data_config.get("data_dir", "") or None
     download = bool(data_config.get("download", True))
-    train_images, train_labels = read_split(dataset, "train", data_dir, download)
-    test_images, test_labels = read_split(dataset, "test", data_dir, download)
+    train_images, train_labels = read_split(dataset, "train", data_dir, download=download)
+    test_images, test_labels = read_split(dataset, "test", data_dir, download=download)
     normal = train_images[train_labels == normal_class]
     if len(normal) == 0:
         raise DataError(f"tfds {dataset} has no training images of class {name!r}")
