@@ -23,6 +23,7 @@ CLI: ``python -m fcd_jax.convert SRC DST [--image_size 224] [--num_heads N]``.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -460,8 +461,13 @@ def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def param_shapes(arch: Mapping[str, Any], image_size: int | None = None) -> Params:
     """``jax.eval_shape`` of the ViT that ``arch`` describes (no memory allocated)."""
-    image_size = image_size or arch["image_size"]
-    model = ViT(**{field: arch[field] for field in ARCH_FIELDS})
+    return _param_shapes(tuple(arch[field] for field in ARCH_FIELDS),
+                         image_size or arch["image_size"])
+
+
+@functools.lru_cache(maxsize=16)
+def _param_shapes(fields: tuple, image_size: int) -> Params:
+    model = ViT(**dict(zip(ARCH_FIELDS, fields, strict=True)))
     images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.float32)
     return jax.eval_shape(model.init, jax.random.key(0), images)["params"]
 
