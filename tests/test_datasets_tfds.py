@@ -148,7 +148,8 @@ def test_tf_free_prepare_fashion_mnist(tmp_path):
         files[key].write_bytes(bytes(header) + payload.tobytes())
     with patched_download(files):
         tfds_one_class.prepare("fashion_mnist", str(tmp_path / "tfds"))
-    got, got_labels = tfds_one_class.read_split("fashion_mnist", "train", str(tmp_path / "tfds"))
+    records = tfds_one_class.read_split("fashion_mnist", "train", str(tmp_path / "tfds"))
+    got, got_labels = records.images(np.arange(len(records))), records.labels
     assert got.shape == (30, 28, 28, 1)
     order = {bytes(image): i for i, image in enumerate(images)}
     positions = [order[bytes(image[..., 0])] for image in got]
@@ -165,8 +166,11 @@ def test_array_record_reader_matches_tfds_data_source(tmp_path, cifar100_downloa
         public = tfds_one_class._read_data_source(
             "cifar100", split, str(tmp_path / "tfds"), "coarse_label"
         )
-        np.testing.assert_array_equal(fast[0], public[0])
-        np.testing.assert_array_equal(fast[1], public[1])
+        np.testing.assert_array_equal(fast.labels, public.labels)
+        some = np.array([3, 0, 3, len(fast) - 1])  # decoded on demand, repeats allowed
+        np.testing.assert_array_equal(fast.images(some), public.images(some))
+        everything = np.arange(len(fast))
+        np.testing.assert_array_equal(fast.images(everything), public.images(everything))
 
 
 def test_prepared_dataset_with_other_class_names_is_refused(tmp_path):

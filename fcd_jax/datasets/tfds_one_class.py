@@ -92,10 +92,35 @@ def _decode_png(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
         return np.asarray(image, dtype=np.uint8).reshape(shape)
 
 
-def _read_array_record(builder, split: str, label_key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Reads the split's array_record files directly: records are tf.train.Example protos
-    (tfds's own serialisation); PNG decoding in threads. ~20x faster than per-example tfds decoding.
-    """
+class SplitRecords:
+    """A tfds split in host memory: every label, and images decoded when first asked for (then
+    kept), so one run decodes only its normal class of the training split."""
+
+    def __init__(self, labels: np.ndarray, images: np.ndarray, encoded: list[bytes] | None = None):
+        self.labels = labels
+        self._images = images
+        self._encoded = encoded
+        self._decoded = np.full(len(labels), encoded is None)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def images(self, indices: np.ndarray) -> np.ndarray:
+        """uint8 ``[len(indices), h, w, c]`` (a copy)."""
+        indices = np.asarray(indices, np.int64)
+        missing = np.unique(indices[~self._decoded[indices]])
+        if len(missing):
+            decode = functools.partial(_decode_png, shape=self._images.shape[1:])
+            with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+                decoded = pool.map(decode, [self._encoded[i] for i in missing], chunksize=256)
+                self._images[missing] = np.stack(list(decoded))
+            self._decoded[missing] = True
+        return self._images[indices]
+
+
+def _read_array_record(builder, split: str, label_key: str) -> SplitRecords:
+    """Reads the split's array_record files directly: each record is a tf.train.Example proto
+    (tfds's serialisation) holding a PNG; ~20x faster than tfds's per-example decoding."""
     from array_record.python.array_record_data_source import ArrayRecordDataSource
     from tensorflow_datasets.proto import tf_example_pb2
 
@@ -107,10 +132,8 @@ def _read_array_record(builder, split: str, label_key: str) -> tuple[np.ndarray,
             feature = tf_example_pb2.Example.FromString(record).features.feature
             encoded.append(feature["image"].bytes_list.value[0])
             labels[start + offset] = feature[label_key].int64_list.value[0]
-    shape = builder.info.features["image"].shape
-    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        images = list(pool.map(functools.partial(_decode_png, shape=shape), encoded, chunksize=256))
-    return np.stack(images), labels
+    images = np.empty((len(records), *builder.info.features["image"].shape), np.uint8)
+    return SplitRecords(labels, images, encoded)
 
 
 def _read_data_source(dataset: str, split: str, data_dir: str | None, label_key: str):
@@ -121,28 +144,23 @@ def _read_data_source(dataset: str, split: str, data_dir: str | None, label_key:
     _check_names(dataset, list(source.dataset_info.features[label_key].names))
     examples = [source[index] for index in range(len(source))]
     images = np.stack([example["image"] for example in examples]).astype(np.uint8)
-    return images, np.array([example[label_key] for example in examples], np.int32)
+    return SplitRecords(np.array([example[label_key] for example in examples], np.int32), images)
 
 
 @functools.lru_cache(maxsize=2)
 def read_split(
     dataset: str, split: str, data_dir: str | None = None, download: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
-    """A whole tfds split in host memory: (images uint8 ``[n, h, w, c]``, run labels int32 ``[n]``).
+) -> SplitRecords:
+    """A tfds split (labels of the run's label feature), in the order of tfds's records.
 
-    In the order of tfds's records; cached per process (read-only arrays), so the runs of one
-    dataset read it once.
+    Cached per process, so the runs of one dataset read the split once and decode each image once.
     """
     label_key = RUN_LABELS[dataset][0]
     builder = _prepared_builder(dataset, data_dir, download)
     if builder is None:
-        images, labels = _read_data_source(dataset, split, data_dir, label_key)
-    else:
-        _check_names(dataset, list(builder.info.features[label_key].names))
-        images, labels = _read_array_record(builder, split, label_key)
-    images.flags.writeable = False
-    labels.flags.writeable = False
-    return images, labels
+        return _read_data_source(dataset, split, data_dir, label_key)
+    _check_names(dataset, list(builder.info.features[label_key].names))
+    return _read_array_record(builder, split, label_key)
 
 
 def load_split(data_config, name: str) -> Split:
@@ -152,17 +170,17 @@ def load_split(data_config, name: str) -> Split:
     normal_class = class_names.index(name)
     data_dir = data_config.get("data_dir", "") or None
     download = bool(data_config.get("download", True))
-    train_images, train_labels = read_split(dataset, "train", data_dir, download=download)
-    test_images, test_labels = read_split(dataset, "test", data_dir, download=download)
-    normal = train_images[train_labels == normal_class]
+    train = read_split(dataset, "train", data_dir, download=download)
+    test = read_split(dataset, "test", data_dir, download=download)
+    normal = np.flatnonzero(train.labels == normal_class)
     if len(normal) == 0:
         raise DataError(f"tfds {dataset} has no training images of class {name!r}")
     return one_class_split(
         name,
-        normal_images=normal,
-        test_images=test_images,
-        test_labels=(test_labels != normal_class).astype(np.int32),
-        test_classes=test_labels,
+        normal_images=train.images(normal),
+        test_images=test.images(np.arange(len(test))),
+        test_labels=(test.labels != normal_class).astype(np.int32),
+        test_classes=test.labels,
         test_class_names=class_names,
         holdout_fraction=data_config.holdout_fraction,
     )
