@@ -1,4 +1,4 @@
-"""The one exception type that users see as a single line (``main.py`` prints it, no stack trace)."""
+"""The exceptions users see as one line (``main.py`` prints them without a stack trace)."""
 
 
 class FcdError(Exception):
@@ -15,3 +15,7 @@ class CheckpointError(FcdError):
 
 class TrainingError(FcdError):
     """Training went wrong in a way the user must act on (e.g. a NaN loss)."""
+
+
+class ConfigError(FcdError, ValueError):
+    """A config value that cannot work (unknown name, impossible size)."""

@@ -7,6 +7,7 @@ indexed by 0-based block number; everything is computed in float32.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -63,25 +64,47 @@ def gaussian_kernel(sigma: float) -> np.ndarray:
     return (taps / taps.sum()).astype(np.float32)
 
 
-def gaussian_blur(maps: jax.Array, sigma: float) -> jax.Array:
-    """Separable Gaussian smoothing of ``[batch, H, W]`` maps, sigma in pixels; sigma 0 = identity.
+def _reflect(index: np.ndarray, size: int) -> np.ndarray:
+    """scipy.ndimage's ``mode="reflect"`` (``d c b a | a b c d | d c b a``), any distance out."""
+    index = np.mod(index, 2 * size)
+    return np.where(index >= size, 2 * size - 1 - index, index)
 
-    Borders are padded by mirroring with the edge pixel repeated (``d c b a | a b c d``), which is
-    scipy.ndimage's ``mode="reflect"`` (numpy's ``"symmetric"``).
-    """
+
+@functools.lru_cache(maxsize=32)
+def blur_matrix(size: int, sigma: float) -> np.ndarray:
+    """``[size, size]`` matrix of the 1-D Gaussian smoothing with reflected borders."""
     if sigma < 0:
         raise FcdError(f"map_sigma = {sigma} is negative: use 0 (no smoothing) or pixels")
     if sigma == 0:
-        return maps
-    taps = jnp.asarray(gaussian_kernel(sigma))
-    radius = taps.shape[0] // 2
-    padded = jnp.pad(maps, ((0, 0), (radius, radius), (radius, radius)), mode="symmetric")
-    smoothed = padded[:, None]  # [batch, 1, H + 2r, W + 2r]: NCHW
-    for kernel in (taps[None, None, :, None], taps[None, None, None, :]):  # along H, then W
-        smoothed = jax.lax.conv_general_dilated(
-            smoothed, kernel, (1, 1), "VALID", precision=jax.lax.Precision.HIGHEST
-        )
-    return smoothed[:, 0]
+        return np.eye(size, dtype=np.float32)
+    taps = gaussian_kernel(sigma).astype(np.float64)
+    radius = len(taps) // 2
+    matrix = np.zeros((size, size))
+    rows = np.arange(size)
+    for offset, weight in zip(range(-radius, radius + 1), taps, strict=True):
+        np.add.at(matrix, (rows, _reflect(rows + offset, size)), weight)
+    return matrix.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=32)
+def upsample_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """``[out_size, in_size]`` matrix of ``jax.image.resize``'s bilinear (half-pixel) resize."""
+    with jax.ensure_compile_time_eval():  # a constant, also when called under jit
+        eye = jnp.eye(in_size, dtype=jnp.float32)
+        return np.asarray(jax.image.resize(eye, (out_size, in_size), "bilinear"))
+
+
+def gaussian_blur(maps: jax.Array, sigma: float) -> jax.Array:
+    """Separable Gaussian smoothing of ``[batch, H, W]`` maps, sigma in pixels; sigma 0 = identity.
+
+    Borders are mirrored with the edge pixel repeated (``d c b a | a b c d``), scipy.ndimage's
+    ``mode="reflect"``. Each axis is one small matmul with :func:`blur_matrix`.
+    """
+    rows = jnp.asarray(blur_matrix(maps.shape[1], sigma))
+    cols = jnp.asarray(blur_matrix(maps.shape[2], sigma))
+    return jnp.einsum(
+        "hi,bij,wj->bhw", rows, maps, cols, precision=jax.lax.Precision.HIGHEST
+    )
 
 
 def anomaly_map(
@@ -90,12 +113,17 @@ def anomaly_map(
     """Per-pixel anomaly map ``[batch, H, W]`` (METHOD.md "Beyond the paper").
 
     The ``[batch, grid_h, grid_w]`` patch grid is upsampled bilinearly (``jax.image.resize``, half
-    pixel centres) to the image size, then smoothed by :func:`gaussian_blur`.
+    pixel centres) to the image size, then smoothed by :func:`gaussian_blur`. Both are linear and
+    separable, so each axis is folded into one ``[H, grid_h]`` matrix: two small matmuls in all.
     """
     height, width = _image_hw(image_size)
-    patch_diff = patch_diff.astype(jnp.float32)
-    upsampled = jax.image.resize(patch_diff, (patch_diff.shape[0], height, width), "bilinear")
-    return gaussian_blur(upsampled, sigma)
+    _, grid_h, grid_w = patch_diff.shape
+    rows = blur_matrix(height, sigma) @ upsample_matrix(grid_h, height)
+    cols = blur_matrix(width, sigma) @ upsample_matrix(grid_w, width)
+    return jnp.einsum(
+        "hi,bij,wj->bhw", jnp.asarray(rows), patch_diff.astype(jnp.float32), jnp.asarray(cols),
+        precision=jax.lax.Precision.HIGHEST,
+    )
 
 
 def anomaly_scores(
@@ -146,6 +174,28 @@ def anomaly_scores(
     return scores
 
 
+def score_images(
+    teacher_model: nn.Module,
+    student_model: nn.Module,
+    teacher_params: Any,
+    student_params: Any,
+    anchor: jax.Array,
+    images: jax.Array,
+    method_config: Any,
+    image_size: int | tuple[int, int],
+) -> dict[str, jax.Array]:
+    """From normalised NHWC images to :func:`anomaly_scores` with the ``map`` at ``image_size``
+    (pure; jit it, or call it inside a jitted step)."""
+    teacher_blocks = teacher_model.apply({"params": teacher_params}, images)["blocks"]
+    student_blocks = student_model.apply({"params": student_params}, images)["blocks"]
+    patch = student_model.patch_size
+    grid_shape = (images.shape[1] // patch, images.shape[2] // patch)
+    return anomaly_scores(
+        teacher_blocks, student_blocks, anchor, method_config,
+        grid_shape=grid_shape, image_size=_image_hw(image_size),
+    )
+
+
 def make_score_fn(
     teacher_model: nn.Module,
     student_model: nn.Module,
@@ -154,19 +204,9 @@ def make_score_fn(
 ) -> Callable[[Any, Any, jax.Array, jax.Array], dict[str, jax.Array]]:
     """A jitted ``fn(teacher_params, student_params, anchor, images) -> anomaly_scores(...)`` from
     normalised NHWC images to scores, ``patch_diff`` and the ``map`` at ``image_size``."""
-    map_size = _image_hw(image_size)
-
-    @jax.jit
-    def score_fn(
-        teacher_params: Any, student_params: Any, anchor: jax.Array, images: jax.Array
-    ) -> dict[str, jax.Array]:
-        teacher_blocks = teacher_model.apply({"params": teacher_params}, images)["blocks"]
-        student_blocks = student_model.apply({"params": student_params}, images)["blocks"]
-        patch = student_model.patch_size
-        grid_shape = (images.shape[1] // patch, images.shape[2] // patch)
-        return anomaly_scores(
-            teacher_blocks, student_blocks, anchor, method_config,
-            grid_shape=grid_shape, image_size=map_size,
+    return jax.jit(
+        functools.partial(
+            score_images, teacher_model, student_model,
+            method_config=method_config, image_size=image_size,
         )
-
-    return score_fn
+    )

@@ -2,8 +2,8 @@
 
 METHOD.md "Networks": teacher and student share this one model. ``apply`` returns a dict with
 
-- ``"blocks"``: phi_c for every encoder block c, stacked: ``[depth, batch, 1 + num_patches, width]``,
-  cls token first;
+- ``"blocks"``: phi_c for every encoder block c, stacked:
+  ``[depth, batch, 1 + num_patches, width]``, cls token first;
 - ``"encoded"``: the final LayerNorm applied to the last block's output, ``[batch, tokens, width]``.
 
 The encoder blocks' parameters are always stacked on a leading ``depth`` axis (``params["blocks"]``)
@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fcd_jax.errors import ConfigError
+
 # Width, depth, heads and MLP width of the named variants (ViT paper, Table 1; DeiT for Ti and S).
 VARIANTS: dict[str, dict[str, int]] = {
     "Ti": dict(width=192, depth=12, num_heads=3, mlp_dim=768),
@@ -33,7 +35,7 @@ def parse_variant(variant: str) -> dict[str, int]:
     """``"B/16"`` -> ``dict(width=768, depth=12, num_heads=12, mlp_dim=3072, patch_size=16)``."""
     match = re.fullmatch(r"(Ti|S|B|L)/(\d+)", variant.strip())
     if not match:
-        raise ValueError(
+        raise ConfigError(
             f"unknown ViT variant {variant!r}: use one of "
             f"{', '.join(k + '/16' for k in VARIANTS)} (any patch size after the slash)"
         )
@@ -64,7 +66,7 @@ class SelfAttention(nn.Module):
     def __call__(self, tokens: jax.Array) -> jax.Array:
         width = tokens.shape[-1]
         if width % self.num_heads:
-            raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+            raise ConfigError(f"width {width} is not divisible by num_heads {self.num_heads}")
         head_dim = width // self.num_heads
 
         def project(name: str) -> jax.Array:
@@ -119,7 +121,7 @@ class ViT(nn.Module):
     def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
         batch, height, width_px, channels = images.shape
         if height % self.patch_size or width_px % self.patch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"image size {height}x{width_px} is not a multiple of the patch size "
                 f"{self.patch_size}: resize the images (config.model.image_size)"
             )
@@ -133,16 +135,17 @@ class ViT(nn.Module):
         bias = self.param("embedding_bias", nn.initializers.zeros, (self.width,))
         patches = images.reshape(batch, grid_h, self.patch_size, grid_w, self.patch_size, channels)
         patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(batch, grid_h * grid_w, -1)
-        tokens = jnp.einsum(
-            "bnk,kd->bnd", patches.astype(self.dtype), kernel.reshape(-1, self.width).astype(self.dtype)
-        ) + bias.astype(self.dtype)
+        flat_kernel = kernel.reshape(-1, self.width).astype(self.dtype)
+        tokens = jnp.einsum("bnk,kd->bnd", patches.astype(self.dtype), flat_kernel)
+        tokens = tokens + bias.astype(self.dtype)
 
         cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width))
         tokens = jnp.concatenate(
             [jnp.broadcast_to(cls, (batch, 1, self.width)).astype(self.dtype), tokens], axis=1
         )
         pos_embedding = self.param(
-            "pos_embedding", nn.initializers.normal(stddev=0.02), (1, 1 + grid_h * grid_w, self.width)
+            "pos_embedding", nn.initializers.normal(stddev=0.02),
+            (1, 1 + grid_h * grid_w, self.width),
         )
         tokens = tokens + pos_embedding.astype(self.dtype)
 
@@ -160,7 +163,8 @@ class ViT(nn.Module):
             self.attention_implementation, name="blocks",
         )
         last, every_block = blocks(tokens, None)
-        encoded = nn.LayerNorm(epsilon=self.layernorm_eps, dtype=self.dtype, name="encoder_norm")(last)
+        final_norm = nn.LayerNorm(epsilon=self.layernorm_eps, dtype=self.dtype, name="encoder_norm")
+        encoded = final_norm(last)
         return {"blocks": every_block, "encoded": encoded}
 
 
@@ -197,8 +201,3 @@ def truncate_params(params: dict, depth: int) -> dict:
     truncated["blocks"] = jax.tree.map(lambda leaf: leaf[:depth], params["blocks"])
     return truncated
 
-
-def num_patches(image_size: int, patch_size: int) -> int:
-    if image_size % patch_size:
-        raise ValueError(f"image size {image_size} is not a multiple of the patch size {patch_size}")
-    return (image_size // patch_size) ** 2
