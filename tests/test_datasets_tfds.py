@@ -1,6 +1,8 @@
 """tfds one-class splits: under ``tfds.testing.mock_data``, and through a real TensorFlow-free
 preparation from fake downloads (array_record on disk, read back with ``tfds.data_source``)."""
 
+import contextlib
+import socket
 import sys
 from unittest import mock
 
@@ -101,10 +103,16 @@ def cifar100_download(tmp_path):
     return fake_cifar100_download(tmp_path / "download", 60, CIFAR100_COARSE_NAMES)
 
 
+@contextlib.contextmanager
 def patched_download(result):
-    return mock.patch.object(
-        tfds.download.DownloadManager, "download_and_extract", lambda self, urls: result
-    )
+    """tfds "downloads" ``result``; the network probe passes."""
+    with (
+        mock.patch.object(
+            tfds.download.DownloadManager, "download_and_extract", lambda self, urls: result
+        ),
+        mock.patch.object(tfds_one_class, "_check_reachable", lambda *args: None),
+    ):
+        yield
 
 
 def test_tf_free_prepare_then_load_cifar100(tmp_path, cifar100_download):
@@ -192,15 +200,28 @@ def test_missing_dataset_is_one_line_with_the_fix(tmp_path):
     assert "python -m fcd_jax.datasets.tfds_one_class cifar10 --data_dir" in message
 
 
-def test_failed_download_is_one_line_with_the_fix(tmp_path):
+def test_offline_machine_fails_at_once_with_the_fix(tmp_path):
     config = default_data_config(name="fashion_mnist", data_dir=str(tmp_path / "tfds"))
-    offline = mock.patch.object(
-        tfds.download.DownloadManager,
-        "download_and_extract",
-        side_effect=ConnectionError("no route to host"),
-    )
+    offline = mock.patch.object(socket, "create_connection", side_effect=OSError("no route"))
     with offline, pytest.raises(DataError) as error:
         input_pipeline.load_split(config, "Trouser")
     message = str(error.value)
-    assert "\n" not in message and "could not download and prepare tfds fashion_mnist" in message
-    assert "no route to host" in message and "then copy" in message
+    assert "\n" not in message and "fashion_mnist is not prepared" in message
+    assert "cannot be reached (no route)" in message and "then copy" in message
+
+
+def test_failed_download_is_one_line_with_the_fix(tmp_path):
+    config = default_data_config(name="cifar10", data_dir=str(tmp_path / "tfds"))
+    with (
+        mock.patch.object(tfds_one_class, "_check_reachable", lambda *args: None),
+        mock.patch.object(
+            tfds.download.DownloadManager,
+            "download_and_extract",
+            side_effect=ConnectionError("connection reset"),
+        ),
+        pytest.raises(DataError) as error,
+    ):
+        input_pipeline.load_split(config, "cat")
+    message = str(error.value)
+    assert "\n" not in message and "could not download and prepare tfds cifar10" in message
+    assert "connection reset" in message and "then copy" in message

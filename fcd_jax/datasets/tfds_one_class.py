@@ -19,6 +19,7 @@ import concurrent.futures
 import functools
 import io
 import os
+import socket
 import sys
 
 import numpy as np
@@ -249,11 +250,32 @@ def _tf_free_builder_class(dataset: str):
     return Builder
 
 
+# Where the builders download from (tfds's cifar.py and mnist.py), probed before downloading.
+DOWNLOAD_HOSTS = {
+    "cifar10": ("www.cs.toronto.edu", 443),
+    "cifar100": ("www.cs.toronto.edu", 443),
+    "fashion_mnist": ("fashion-mnist.s3-website.eu-central-1.amazonaws.com", 80),
+}
+
+
+def _check_reachable(dataset: str, data_dir: str) -> None:
+    """Fails at once offline (tfds's own downloader retries for minutes before it gives up)."""
+    host, port = DOWNLOAD_HOSTS[dataset]
+    try:
+        socket.create_connection((host, port), timeout=10).close()
+    except OSError as error:
+        raise DataError(
+            f"tfds dataset {dataset} is not prepared and {host} cannot be reached ({error}); "
+            f"{_how_to_prepare(dataset, data_dir)}"
+        ) from None
+
+
 def prepare(dataset: str, data_dir: str | None = None) -> str:
     """Downloads and prepares ``dataset`` as array_record in ``data_dir``; returns its folder."""
     import tensorflow_datasets as tfds
 
     builder = _tf_free_builder_class(dataset)(data_dir=data_dir, file_format="array_record")
+    _check_reachable(dataset, str(builder.data_dir_root))
     try:
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(try_download_gcs=False)
