@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fcd_jax.datasets.split import ArraySource, Split, holdout_indices
+from fcd_jax.datasets.split import ArraySource, Split, one_class_split
 from fcd_jax.errors import DataError
 from fcd_jax.paper_results import MVTEC_CATEGORIES  # the paper's Table 4 order
 
@@ -142,6 +142,43 @@ def _mask_path(ground_truth: Path, defect: str, image_path: Path) -> Path:
     )
 
 
+def _test_files(test_dir: Path) -> tuple[list[str], list[Path], list[int]]:
+    """(class names: "good" first then the defects sorted, image paths, class index per path)."""
+    defects = sorted(d.name for d in test_dir.iterdir() if d.is_dir() and d.name != GOOD)
+    class_names = [GOOD, *defects] if (test_dir / GOOD).is_dir() else defects
+    paths, classes = [], []
+    for class_index, class_name in enumerate(class_names):
+        files = list_image_files(test_dir / class_name)
+        paths += files
+        classes += [class_index] * len(files)
+    if not paths:
+        raise DataError(f"empty test set: no images in the subfolders of {test_dir}")
+    return class_names, paths, classes
+
+
+def _read_masks(
+    ground_truth: Path, defects: list[str], paths: list[Path], image_size: int, skip: bool
+) -> tuple[list[np.ndarray | None], list[str]]:
+    """One mask per path (zeros for "good"; None where a bad mask was skipped), skipped paths."""
+    for defect in defects:
+        _require_dir(ground_truth / defect, f"masks of defect {defect!r}; remove {ground_truth} "
+                     "to run without masks")  # fmt: skip
+    masks, skipped = [], []
+    for path in paths:
+        try:
+            if path.parent.name == GOOD:
+                masks.append(np.zeros((image_size, image_size), np.uint8))
+            else:
+                mask_path = _mask_path(ground_truth, path.parent.name, path)
+                masks.append(load_mask(mask_path, path, image_size))
+        except DataError:
+            if not skip:
+                raise
+            masks.append(None)
+            skipped.append(str(path))
+    return masks, skipped
+
+
 def load_folder_split(
     category_dir: str | os.PathLike,
     name: str,
@@ -162,59 +199,34 @@ def load_folder_split(
     if len(normal) == 0:
         raise DataError(f"empty training set: every image in {train_dir} was unreadable")
 
-    defects = sorted(d.name for d in test_dir.iterdir() if d.is_dir() and d.name != GOOD)
-    class_names = [GOOD, *defects] if (test_dir / GOOD).is_dir() else defects
-    test_paths, test_classes = [], []
-    for class_index, class_name in enumerate(class_names):
-        files = list_image_files(test_dir / class_name)
-        test_paths += files
-        test_classes += [class_index] * len(files)
-    if not test_paths:
-        raise DataError(f"empty test set: no images in the subfolders of {test_dir}")
-    test_images, kept, bad = load_images(test_paths, image_size, skip_bad_images)
-    skipped += bad
-
-    ground_truth = category_dir / "ground_truth"
+    class_names, paths, classes = _test_files(test_dir)
+    images, kept, bad_images = load_images(paths, image_size, skip_bad_images)
+    paths, classes = [paths[i] for i in kept], np.asarray([classes[i] for i in kept], np.int32)
     masks = None
-    if ground_truth.is_dir():
-        for defect in defects:
-            _require_dir(
-                ground_truth / defect,
-                f"masks of defect {defect!r}; remove {ground_truth} to run without masks",
-            )
-        masks, still_kept = [], []
-        for position in kept:
-            path, class_name = test_paths[position], class_names[test_classes[position]]
-            try:
-                if class_name == GOOD:
-                    masks.append(np.zeros((image_size, image_size), np.uint8))
-                else:
-                    masks.append(
-                        load_mask(_mask_path(ground_truth, class_name, path), path, image_size)
-                    )
-                still_kept.append(position)
-            except DataError:
-                if not skip_bad_images:
-                    raise
-                skipped.append(str(path))
-        test_images = test_images[[kept.index(p) for p in still_kept]]
-        kept = still_kept
-        masks = ArraySource(np.stack(masks)) if masks else None
-
-    train_idx, holdout_idx = holdout_indices(len(normal), holdout_fraction)
-    classes = np.asarray([test_classes[p] for p in kept], dtype=np.int32)
-    labels = (np.asarray([class_names[c] for c in classes]) != GOOD).astype(np.int32)
-    return Split(
-        name=name,
-        train_images=ArraySource(normal[train_idx]),
-        holdout_images=ArraySource(normal[holdout_idx]),
-        test_images=ArraySource(test_images),
-        test_labels=labels,
+    if (category_dir / "ground_truth").is_dir():
+        defects = [c for c in class_names if c != GOOD]
+        masks, bad_masks = _read_masks(
+            category_dir / "ground_truth", defects, paths, image_size, skip_bad_images
+        )
+        ok = np.array([mask is not None for mask in masks], bool)
+        images, classes, paths = (
+            images[ok],
+            classes[ok],
+            [p for p, k in zip(paths, ok, strict=True) if k],
+        )
+        masks = ArraySource(np.stack([mask for mask in masks if mask is not None]))
+        bad_images += bad_masks
+    return one_class_split(
+        name,
+        normal_images=normal,
+        test_images=images,
+        test_labels=np.array([class_names[c] != GOOD for c in classes], np.int32),
         test_classes=classes,
         test_class_names=class_names,
+        holdout_fraction=holdout_fraction,
         test_masks=masks,
-        test_paths=[str(test_paths[p]) for p in kept],
-        skipped=skipped,
+        test_paths=[str(p) for p in paths],
+        skipped=skipped + bad_images,
     )
 
 
