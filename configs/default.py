@@ -65,7 +65,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.eval_batch_size = 64
     config.data.holdout_fraction = 0.1  # normal training images held out to set the threshold
     config.data.skip_bad_images = False  # True: skip unreadable images and report how many
-    config.data.shuffle_buffer = 0  # 0 = full shuffle of the (index-addressable) training set
+    config.data.download = True  # tfds: prepare a missing dataset (needs the network)
+    config.data.split_seed = 0  # digits: the seeded train/test split of the normal digit
+    config.data.textures = ml_collections.ConfigDict(
+        dict(crop=64, n_train=80, n_test_good=12, n_test_per_defect=6, seed=0)
+    )
 
     # Teacher and student backbone (METHOD.md "Networks").
     config.model = ml_collections.ConfigDict()

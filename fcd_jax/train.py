@@ -146,7 +146,9 @@ def create_train_state(
                 f"the student {params['pos_embedding'].shape}: convert the teacher at "
                 f"image_size={config.data.image_size}"
             )
-        params = dict(params, pos_embedding=jnp.asarray(teacher_pos_embedding, jnp.float32))
+        # A copy: the state is donated to the step, the teacher's parameters are not.
+        pos_embedding = jnp.array(teacher_pos_embedding, jnp.float32, copy=True)
+        params = dict(params, pos_embedding=pos_embedding)
     width = params["cls"].shape[-1]
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -346,10 +348,10 @@ class GroupTrainer:
         if len(group_name) > 80:
             group_name = f"{splits[0].name}+{len(splits) - 1}_more"
         self.checkpoints = checkpoints.training_manager(
-            os.path.join(workdir, "checkpoints", group_name.replace("/", "_"))
+            os.path.join(workdir, "checkpoints", file_name(group_name))
         )
         self.writers = (
-            {split.name: SummaryWriter(os.path.join(workdir, "tensorboard", split.name))
+            {split.name: SummaryWriter(os.path.join(workdir, "tensorboard", file_name(split.name)))
              for split in splits}
             if jax.process_index() == 0 else {}
         )
@@ -455,8 +457,13 @@ class GroupTrainer:
         return models
 
 
+def file_name(run_name: str) -> str:
+    """A run name as a file name: ``T-shirt/top`` -> ``T-shirt_top``."""
+    return run_name.replace("/", "_")
+
+
 def run_dir(workdir: str, name: str) -> str:
-    return os.path.join(workdir, "runs", name.replace("/", "_"))
+    return os.path.join(workdir, "runs", file_name(name))
 
 
 def read_finished(workdir: str, name: str) -> dict | None:

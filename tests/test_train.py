@@ -1,0 +1,145 @@
+"""The train state and the jit-compiled FCD train step (METHOD.md "Losses", eqs. 1-6)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from configs import default
+from fcd_jax import train
+from fcd_jax.input_pipeline import load_split, preprocess, train_batches
+from fcd_jax.scoring import make_score_fn
+
+
+def tiny_config(**method):
+    config = default.base_config()
+    config.data.name = "digits"
+    config.data.image_size = 16
+    config.data.batch_size = 16
+    config.model.update(patch_size=4, width=32, depth=4, num_heads=2, mlp_dim=64)
+    config.method.update(layers=(0, 1, 2, 3), anchor_layers=(3,), top_k=4, **method)
+    config.optim.update(name="adam", lr=1e-3, warmup_steps=10)
+    return config
+
+
+def setup(config, total_steps=100, seed=0):
+    teacher_model, student_model = train.build_models(config)
+    teacher_key, student_key = train.split_keys(seed)
+    teacher_params = train.init_params(student_model, config.data.image_size, teacher_key)
+    teacher_params = train.prepare_teacher_params(teacher_params, config.method)
+    state = train.create_train_state(
+        config, teacher_params["pos_embedding"], student_model,
+        jax.random.fold_in(student_key, 0), total_steps,
+    )
+    step = train.make_train_step(config, teacher_model, student_model)
+    return teacher_model, student_model, teacher_params, state, step
+
+
+@pytest.fixture(scope="module")
+def digits_zero():
+    return load_split(tiny_config().data, "0")
+
+
+def batches(split, steps, seed=0):
+    stream = train_batches(split.train_images, 16, seed=seed)
+    return [next(stream) for _ in range(steps)]
+
+
+def teacher_cls(config, teacher_model, teacher_params, images):
+    normalised = preprocess(images, config.data.image_size, config.data.mean, config.data.std)
+    blocks = teacher_model.apply({"params": teacher_params}, normalised)["blocks"]
+    return np.asarray(blocks[np.asarray(config.method.anchor_layers), :, 0, :])
+
+
+def test_only_trainable_student_params_change(digits_zero):
+    config = tiny_config()
+    _, _, teacher_params, state, step = setup(config)
+    teacher_before = jax.tree.map(np.array, teacher_params)
+    student_before = jax.tree.map(np.array, state.params)
+    for images in batches(digits_zero, 10):
+        state, metrics = step(state, teacher_params, images)
+    assert np.isfinite(float(metrics["loss"]))
+    teacher_after = jax.tree.map(np.array, teacher_params)
+    jax.tree.map(np.testing.assert_array_equal, teacher_before, teacher_after)
+    np.testing.assert_array_equal(student_before["pos_embedding"], state.params["pos_embedding"])
+    np.testing.assert_array_equal(teacher_before["pos_embedding"], state.params["pos_embedding"])
+    del student_before["pos_embedding"]
+    student_after = {k: v for k, v in state.params.items() if k != "pos_embedding"}
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), student_before, student_after)
+    assert all(jax.tree.leaves(changed))
+    assert int(state.step) == 10
+
+
+def test_learned_position_embedding_is_trained(digits_zero):
+    config = tiny_config(pos_embedding="learned")
+    _, _, teacher_params, state, step = setup(config)
+    before = np.array(state.params["pos_embedding"])
+    for images in batches(digits_zero, 3):
+        state, _ = step(state, teacher_params, images)
+    assert not np.array_equal(before, state.params["pos_embedding"])
+
+
+def test_anchor_is_the_exact_mean_of_teacher_cls_after_one_pass(digits_zero):
+    config = tiny_config()
+    config.data.batch_size = 8
+    teacher_model, _, teacher_params, state, step = setup(config)
+    images = digits_zero.train_images.images[:40]  # 5 batches of 8: one pass
+    for start in range(0, 40, 8):
+        state, _ = step(state, teacher_params, images[start: start + 8])
+    expected = teacher_cls(config, teacher_model, teacher_params, images).mean(axis=1)
+    np.testing.assert_allclose(np.asarray(state.anchor), expected, atol=1e-6, rtol=1e-6)
+    assert float(state.num_seen) == 40
+
+
+def test_ema_anchor_follows_its_recurrence(digits_zero):
+    config = tiny_config(anchor_update="ema", anchor_momentum=0.9)
+    config.data.batch_size = 8
+    teacher_model, _, teacher_params, state, step = setup(config)
+    expected = None
+    for start in range(0, 32, 8):
+        batch = digits_zero.train_images.images[start: start + 8]
+        state, _ = step(state, teacher_params, batch)
+        batch_mean = teacher_cls(config, teacher_model, teacher_params, batch).mean(axis=1)
+        expected = batch_mean if expected is None else 0.9 * expected + 0.1 * batch_mean
+    np.testing.assert_allclose(np.asarray(state.anchor), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_learning_rate_warms_up_then_decays():
+    config = tiny_config()
+    config.optim.update(lr=0.1, warmup_steps=10, schedule="cosine")
+    lr = [float(train.learning_rate(jnp.asarray(s), jnp.asarray(110), config.optim))
+          for s in (0, 4, 9, 60, 109)]
+    np.testing.assert_allclose(lr[:3], [0.01, 0.05, 0.1], rtol=1e-6)
+    assert lr[3] == pytest.approx(0.05, rel=0.05) and lr[4] < 1e-3
+
+
+def train_tiny(split, steps, seed=0):
+    config = tiny_config()
+    teacher_model, student_model, teacher_params, state, step = setup(config, steps, seed)
+    losses = []
+    for images in batches(split, steps, seed):
+        state, metrics = step(state, teacher_params, images)
+        losses.append(float(metrics["loss"]))
+    score = make_score_fn(teacher_model, student_model, config.method, config.data.image_size)
+    normalised = preprocess(split.test_images.images, config.data.image_size, 0.5, 0.5)
+    scores = score(teacher_params, state.params, state.anchor, normalised)["score"]
+    return np.asarray(losses), roc_auc_score(split.test_labels, np.asarray(scores))
+
+
+def test_training_lowers_the_loss_separates_anomalies_and_is_deterministic(digits_zero):
+    losses, auroc = train_tiny(digits_zero, 300)
+    assert losses[-50:].mean() < 0.5 * losses[:20].mean()
+    windows = losses.reshape(6, 50).mean(axis=1)
+    assert np.all(np.diff(windows) < 0), windows  # falls monotonically on average
+    assert auroc > 0.75, auroc
+    losses_again, auroc_again = train_tiny(digits_zero, 300)
+    np.testing.assert_array_equal(losses, losses_again)
+    assert auroc == auroc_again
+
+
+def test_nonexistent_layer_is_one_clear_error():
+    config = tiny_config()
+    config.method.layers = (3, 6)
+    with pytest.raises(train.FcdError, match="blocks"):
+        train.build_models(config)
