@@ -1,4 +1,5 @@
-"""Orbax checkpoints: resumable training states and the final student + anchor of each run."""
+"""Orbax checkpoints: resumable training states, the final student + anchor of each run, and
+``load_vit`` for pretrained ViTs (converted by ``fcd_jax.convert``)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import os
 from typing import Any
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 
+from fcd_jax import convert
 from fcd_jax.errors import CheckpointError
 
 
@@ -61,3 +64,22 @@ def load_tree(directory: str, target: Any | None = None) -> Any:
         raise CheckpointError(
             f"checkpoint {path} does not fit this config ({str(error).splitlines()[0][:200]})"
         ) from None
+
+
+def load_vit(
+    path: str, *, image_size: int | None = None
+) -> tuple[ml_collections.ConfigDict, dict]:
+    """Any checkpoint ``fcd_jax.convert`` reads, or a converted directory, as
+    ``(model_config, params)``: ``build_vit(model_config)`` is the matching model, and the config
+    also records the image normalisation the weights expect (``image_mean``, ``image_std``)."""
+    if convert.is_converted(path):
+        params, arch = convert.load_converted(path)
+    else:
+        params, arch = convert.convert_checkpoint(path, image_size=image_size)
+    model_config = ml_collections.ConfigDict(
+        {field: arch[field] for field in convert.ARCH_FIELDS if field in arch}
+    )
+    model_config.variant = ""
+    for field in ("image_mean", "image_std"):
+        model_config[field] = arch.get(field)
+    return model_config, params

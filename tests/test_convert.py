@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.numpy import save_file  # noqa: E402
 
-from fcd_jax import convert  # noqa: E402
+from fcd_jax import checkpoints, convert  # noqa: E402
 from fcd_jax.errors import CheckpointError  # noqa: E402
 from fcd_jax.models.vit import build_vit  # noqa: E402
 
@@ -432,3 +432,14 @@ def test_cli(reference, hf_converted, tmp_path, capsys):
     assert error.count("\n") == 1 and "corrupt or truncated" in error
     assert not (tmp_path / "out2").exists()
 
+
+
+def test_load_vit_reads_checkpoints_and_converted_directories(reference, hf_converted, tmp_path):
+    model_config, params = checkpoints.load_vit(str(reference["hf_dir"]))
+    assert model_config.layernorm_eps == 1e-12 and model_config.width == WIDTH
+    ours = jitted_apply(build_vit(model_config))({"params": params}, reference["images"])
+    assert relative_error(np.asarray(ours["blocks"]), reference["blocks"]) <= TOLERANCE
+    converted = convert.save_converted(tmp_path / "converted", *hf_converted)
+    config_again, params_again = checkpoints.load_vit(str(converted))
+    assert config_again.to_dict() == model_config.to_dict()
+    jax.tree.map(np.testing.assert_array_equal, params, params_again)
