@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
 from fcd_jax import convert
 from fcd_jax.errors import CheckpointError, FcdError
-from fcd_jax.models import build_vit
+from fcd_jax.models import build_vit, init_params
 
 HOW_TO_GET_A_TEACHER = (
     "no teacher checkpoint: this config needs an ImageNet-pretrained ViT. Download Google's "
@@ -35,8 +34,7 @@ def load_teacher(
     teacher = config.teacher
     model = build_vit(config.model)
     if teacher.init == "random":
-        images = jnp.zeros((1, config.data.image_size, config.data.image_size, 3), jnp.float32)
-        params = jax.jit(model.init)(key, images)["params"]
+        params = init_params(model, config.data.image_size, key)
         return jax.tree.map(np.asarray, jax.device_get(params)), True
     if teacher.init != "pretrained":
         raise FcdError(f"unknown teacher.init {teacher.init!r}: use 'pretrained' or 'random'")

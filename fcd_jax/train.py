@@ -40,7 +40,7 @@ from fcd_jax.input_pipeline import (
     train_batches,
 )
 from fcd_jax.losses import fcd_loss, update_anchor
-from fcd_jax.models import build_vit, truncate_params
+from fcd_jax.models import build_vit, init_params, truncate_params
 from fcd_jax.teacher import load_teacher
 
 FROZEN_POS_EMBEDDING = "copy_frozen"
@@ -71,12 +71,6 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[nn.Module, nn.Modul
             f"model has {student.depth} blocks: use 0-based block indices below {student.depth}"
         )
     return student.clone(depth=teacher_depth(config.method)), student
-
-
-def init_params(model: nn.Module, image_size: int, key: jax.Array) -> dict:
-    """Random parameters of ``model`` for ``image_size`` x ``image_size`` RGB input."""
-    images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    return model.init(key, images)["params"]
 
 
 def learning_rate(step: jax.Array, total_steps: jax.Array, optim: ml_collections.ConfigDict):

@@ -194,6 +194,12 @@ def build_vit(model_config: Any, depth: int | None = None) -> ViT:
     )
 
 
+def init_params(model: nn.Module, image_size: int, key: jax.Array) -> dict:
+    """Random parameters of ``model`` for ``image_size`` x ``image_size`` RGB input (jitted)."""
+    images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    return jax.jit(model.init)(key, images)["params"]
+
+
 def truncate_params(params: dict, depth: int) -> dict:
     """Keeps only the first ``depth`` encoder blocks (the teacher need not run past the last
     block that the losses use)."""
