@@ -9,6 +9,7 @@ parallel engine: XLA inserts the gradient all-reduce over ``data``. The same cod
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -102,17 +103,39 @@ def local_block(sharding: NamedSharding, global_shape: tuple[int, ...]) -> tuple
 
     Each process loads only these images; ``global_array`` assembles the global batch.
     """
+    return _local_spans(sharding, global_shape, 2)
+
+
+def local_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> slice:
+    """The rows (leading axis) of a global array that this process must provide."""
+    return _local_spans(sharding, global_shape, 1)[0]
+
+
+def _local_spans(
+    sharding: NamedSharding, global_shape: tuple[int, ...], num_dims: int
+) -> tuple[slice, ...]:
+    """The block of the leading ``num_dims`` axes held by this process's devices; a
+    ``FcdError`` if they hold no single block (the mesh interleaves the processes)."""
     index_map = sharding.addressable_devices_indices_map(global_shape)
-    blocks = [tuple(index[:2]) for index in index_map.values()]
-
-    def span(dim: int) -> slice:
-        starts = [block[dim].start or 0 for block in blocks]
-        stops = [
-            global_shape[dim] if block[dim].stop is None else block[dim].stop for block in blocks
-        ]
-        return slice(min(starts), max(stops))
-
-    return span(0), span(1)
+    blocks = {
+        tuple(
+            range(*index.indices(size))
+            for index, size in zip(indices[:num_dims], global_shape[:num_dims], strict=True)
+        )
+        for indices in index_map.values()
+    }
+    spans = tuple(
+        slice(min(block[dim][0] for block in blocks), max(block[dim][-1] for block in blocks) + 1)
+        for dim in range(num_dims)
+    )
+    covered = {point for block in blocks for point in itertools.product(*block)}
+    if len(covered) != math.prod(span.stop - span.start for span in spans):
+        raise FcdError(
+            f"the devices of process {jax.process_index()} hold no single block of the "
+            f"{global_shape[:num_dims]} batch: build the mesh with each process's devices "
+            "side by side (--config.mesh_shape)"
+        )
+    return spans
 
 
 def global_array(local_data: np.ndarray, sharding: NamedSharding, global_shape: tuple[int, ...]):
