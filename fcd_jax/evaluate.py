@@ -150,6 +150,7 @@ def evaluate_split(
     summary = summarise_run(
         split.name, test.scores, split.test_labels, threshold, maps=test.maps, masks=masks
     )
+    summary["skipped_images"] = len(split.skipped)
     if jax.process_index() == 0:
         os.makedirs(run_dir, exist_ok=True)
         run = dict(summary, scores=test.scores, labels=split.test_labels)

@@ -118,8 +118,9 @@ def make_optimizer(config: ml_collections.ConfigDict, params: dict) -> optax.Gra
             f"unknown method.pos_embedding {config.method.pos_embedding!r}: "
             "use 'copy_frozen' or 'learned'"
         )
+    train = optax.chain(*parts) if parts else optax.identity()  # optax.chain() needs a part
     return optax.multi_transform(
-        {"train": optax.chain(*parts), "frozen": optax.set_to_zero()},
+        {"train": train, "frozen": optax.set_to_zero()},
         trainable_labels(params, config.method),
     )
 
@@ -385,11 +386,14 @@ class GroupTrainer:
     def check_finite(self, losses: np.ndarray, step: int, active: np.ndarray) -> None:
         for split, loss, is_active in zip(self.splits, losses, active, strict=False):
             if is_active and not np.isfinite(loss):
+                self.checkpoints.wait_until_finished()  # keep what was written so far
+                kept = self.checkpoints.latest_step()
                 raise TrainingError(
                     f"run {split.name}: the loss became {loss} at step {step}; lower "
-                    f"--config.optim.lr or keep --config.optim.clip_norm=1.0 (checkpoints up "
-                    f"to step {self.checkpoints.latest_step()} are kept in "
-                    f"{self.checkpoints.directory})"
+                    f"--config.optim.lr or keep --config.optim.clip_norm=1.0 ("
+                    + ("no checkpoint was written yet" if kept is None else
+                       f"checkpoints up to step {kept} are kept in {self.checkpoints.directory}")
+                    + ")"
                 )
 
     def train(self) -> None:
@@ -514,7 +518,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             summary = evaluate_split(
                 config, split, model, trainer.teacher_params, score_step, trainer.mesh, directory
             )
-            summary["skipped_images"] = len(split.skipped)
             if jax.process_index() == 0:
                 write_finished(workdir, summary)
             summaries[split.name] = summary
