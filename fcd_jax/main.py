@@ -35,12 +35,16 @@ FLAGS = flags.FLAGS
 
 
 def run(config, workdir: str, mode: str) -> None:
-    """Runs ``mode`` for every dataset named in ``config.data.name`` (comma-separated)."""
+    """Runs ``mode`` for every dataset named in ``config.data.name`` (comma-separated), each with
+    its ``config.per_dataset.<name>`` overrides if the config has them."""
     datasets = [name.strip() for name in config.data.name.split(",") if name.strip()]
     for dataset in datasets:
         dataset_config = config.copy_and_resolve_references()
         with dataset_config.unlocked():
             dataset_config.data.name = dataset
+            overrides = dataset_config.get("per_dataset", {}).get(dataset)
+            if overrides:
+                dataset_config.update(overrides)
         dataset_workdir = workdir if len(datasets) == 1 else os.path.join(workdir, dataset)
         logging.info("dataset %s -> %s (%s)", dataset, dataset_workdir, mode)
         if mode == "train_and_eval":
