@@ -191,7 +191,7 @@ def train_step(
     directions, opt_state = tx.update(grads, state.opt_state, state.params)
     lr = learning_rate(state.step, state.total_steps, config.optim)
     params = jax.tree.map(lambda p, d: p - lr * d.astype(p.dtype), state.params, directions)
-    metrics = dict(metrics, lr=lr, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, lr=lr, grad_norm=optax.tree.norm(grads))
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state, anchor=anchor, num_seen=num_seen
     )
@@ -310,6 +310,23 @@ def group_size_for(config: ml_collections.ConfigDict, num_splits: int) -> int:
 class GroupTrainer:
     """Trains a group of splits as one stacked, sharded, checkpointed program."""
 
+    # Jitted stacked steps by (config, models, mesh): groups of one size trained one after
+    # another (``parallel_splits=N``) share one step and so compile it once, not once per group.
+    _steps: dict[tuple, Callable] = {}
+
+    @classmethod
+    def stacked_step(
+        cls, config: ml_collections.ConfigDict, teacher_model: nn.Module,
+        student_model: nn.Module, mesh: jax.sharding.Mesh,
+    ) -> Callable:
+        key = (ml_collections.FrozenConfigDict(config), teacher_model, student_model, mesh)
+        if key not in cls._steps:
+            cls._steps[key] = parallel.jit_stacked_step(
+                make_stacked_train_step(config, teacher_model, student_model),
+                mesh, parallel.stacked_sharding(mesh),
+            )
+        return cls._steps[key]
+
     def __init__(
         self,
         config: ml_collections.ConfigDict,
@@ -335,10 +352,7 @@ class GroupTrainer:
             config, self.teacher_params["pos_embedding"], student_model, indices, self.totals,
             self.mesh,
         )
-        self.step_fn = parallel.jit_stacked_step(
-            make_stacked_train_step(config, teacher_model, student_model),
-            self.mesh, self.state_shardings,
-        )
+        self.step_fn = self.stacked_step(config, teacher_model, student_model, self.mesh)
         group_name = "+".join(split.name for split in splits)
         if len(group_name) > 80:
             group_name = f"{splits[0].name}+{len(splits) - 1}_more"
