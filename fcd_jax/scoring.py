@@ -196,26 +196,12 @@ def score_images(
     )
 
 
-@functools.partial(
-    jax.jit, static_argnames=("teacher_model", "student_model", "method_config", "image_size")
+# Jitted :func:`score_images`. The models and ``image_size`` are static, so ``method_config``
+# must be hashable: pass ``ml_collections.FrozenConfigDict(config.method)``.
+score_batch = jax.jit(
+    score_images,
+    static_argnames=("teacher_model", "student_model", "method_config", "image_size"),
 )
-def score_batch(
-    teacher_model: nn.Module,
-    student_model: nn.Module,
-    teacher_params: Any,
-    student_params: Any,
-    anchor: jax.Array,
-    images: jax.Array,
-    method_config: Any,
-    image_size: int | tuple[int, int],
-) -> dict[str, jax.Array]:
-    """Jitted :func:`score_images`: normalised images to scores and maps. The models and
-    ``image_size`` are static, so ``method_config`` must be hashable: pass
-    ``ml_collections.FrozenConfigDict(config.method)``."""
-    return score_images(
-        teacher_model, student_model, teacher_params, student_params, anchor, images,
-        method_config, image_size,
-    )
 
 
 def make_score_fn(

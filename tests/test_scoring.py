@@ -193,3 +193,9 @@ def test_make_score_fn_runs_a_tiny_vit_end_to_end():
     np.testing.assert_allclose(same["map"], 0.0, atol=1e-4)
     cls = np.asarray(teacher_blocks)[3, :, 0]
     np.testing.assert_allclose(same["s_a"], 2 * np.linalg.norm(cls, axis=-1), rtol=1e-5)
+    # score_batch is the same computation with the models and config as static arguments.
+    batch = scoring.score_batch(
+        teacher_model, student_model, teacher_params, student_params, anchor, images,
+        method_config=ml_collections.FrozenConfigDict(config), image_size=16,
+    )
+    jax.tree.map(np.testing.assert_allclose, batch, got)
