@@ -78,10 +78,12 @@ def score_source(
     """
     sharding = all_devices_sharding(mesh)
     batch_size = eval_batch_size(batch_size, mesh)
+    rows = parallel.local_rows(sharding, (batch_size,))  # this process's devices' rows
+    num_local = rows.stop - rows.start
     scores, maps = [], []
     num_kept = 0
     for images, valid in eval_batches(
-        source, batch_size, jax.process_index(), jax.process_count()
+        source, batch_size, rows.start // num_local, batch_size // num_local
     ):
         global_images = parallel.global_array(images, sharding, (batch_size, *images.shape[1:]))
         global_valid = parallel.global_array(valid, sharding, (batch_size,))

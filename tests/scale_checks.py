@@ -1,0 +1,264 @@
+"""Checks that need 8 devices, run by ``tests/test_parallel.py`` in a subprocess.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/scale_checks.py OUT.json [CHECK]
+
+The test process itself keeps its one CPU device; this script gets 8, runs every check in one
+process (one import, shared compilations) and writes what it measured to ``OUT.json``: max
+absolute differences, stacked sizes, run names. The tests assert on those numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Cheap XLA compilation: these checks compare programs with each other, never with speed.
+FAST_COMPILE_XLA_FLAGS = (
+    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+)
+
+# A ViT small enough to compile in seconds; digits (8x8) upsampled to 16x16, 2 patches a side.
+TINY_OVERRIDES = {
+    "data.name": "digits",
+    "data.image_size": 16,
+    "data.batch_size": 8,
+    "data.eval_batch_size": 256,
+    "model.patch_size": 8,
+    "model.width": 16,
+    "model.depth": 2,
+    "model.num_heads": 2,
+    "model.mlp_dim": 32,
+    "method.layers": (0, 1),
+    "method.anchor_layers": (1,),
+    "method.top_k": 2,
+    "optim.warmup_steps": 1,
+    "train.steps": 3,
+    "train.log_every": 1,
+    "train.checkpoint_every": 1000,
+}
+
+
+def tiny_flags(**overrides) -> list[str]:
+    """``fcd_jax.main`` arguments for ``configs/demo.py`` with the tiny model."""
+    values = {**TINY_OVERRIDES, **overrides}
+    flags = ["--config=configs/demo.py"]
+    for name, value in values.items():
+        text = f"({','.join(map(str, value))},)" if isinstance(value, tuple) else str(value)
+        flags.append(f"--config.{name}={text}")
+    return flags
+
+
+def tiny_config(base: str = "demo", arg: str | None = None, **overrides):
+    """``configs/<base>.py`` with the tiny model (and any overrides, dotted names)."""
+    import importlib
+
+    config = importlib.import_module(f"configs.{base}").get_config(arg)
+    for name, value in {**TINY_OVERRIDES, **overrides}.items():
+        *parents, leaf = name.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config
+
+
+# --- The checks (run only in the 8-device subprocess) -------------------------------------------
+
+
+def max_abs_diff(tree_a, tree_b) -> float:
+    import jax
+    import numpy as np
+
+    diffs = jax.tree.map(
+        lambda a, b: float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))),
+        tree_a, tree_b,
+    )
+    return max(jax.tree.leaves(diffs))
+
+
+def teacher_for(config):
+    import jax
+
+    from fcd_jax import train
+
+    teacher_model, student_model = train.build_models(config)
+    init = jax.jit(lambda key: train.init_params(teacher_model, config.data.image_size, key))
+    return init(jax.random.key(1)), teacher_model, student_model
+
+
+def check_data_parallel(config) -> dict:
+    """The stacked step of one split on one device and data-parallel on 8: same states."""
+    import chex
+    import jax
+    import numpy as np
+
+    from fcd_jax import parallel, train
+    from fcd_jax.input_pipeline import load_split, train_batches
+
+    teacher_params, teacher_model, student_model = teacher_for(config)
+    split = load_split(config.data, "0")
+    batches = train_batches(split.train_images, config.data.batch_size, seed=0)
+    batches = [next(batches)[None] for _ in range(3)]  # [1, B, h, w, c]
+    out = {}
+    for name, devices in (("one_device", jax.devices()[:1]), ("eight_devices", jax.devices())):
+        mesh = parallel.make_mesh(1, config.data.batch_size, (1, len(devices)), devices)
+        states, shardings = train.init_stacked_states(
+            config, teacher_params["pos_embedding"], student_model, np.array([0]),
+            np.array([10]), mesh,
+        )
+        stacked_step = train.make_stacked_train_step(config, teacher_model, student_model)
+        chex.clear_trace_counter()  # chex counts by source location: a fresh count per mesh
+
+        @chex.assert_max_traces(n=1)
+        def step(*args, stacked_step=stacked_step):  # chex wraps no vmapped function itself
+            return stacked_step(*args)
+
+        step_fn = parallel.jit_stacked_step(step, mesh, shardings)
+        teacher = jax.device_put(teacher_params, parallel.replicated(mesh))
+        active = jax.device_put(np.ones(1, bool), parallel.stacked_sharding(mesh))
+        losses = []
+        for batch in batches:
+            images = parallel.global_array(batch, parallel.batch_sharding(mesh), batch.shape)
+            states, metrics = step_fn(states, teacher, images, active)
+            losses.append(float(metrics["loss"][0]))
+        out[name] = {"states": jax.device_get(states), "losses": losses}
+        out[name + "_param_sharding"] = str(jax.tree.leaves(states.params)[0].sharding.spec)
+    wider = np.concatenate([batches[0], batches[0]], axis=1)  # another shape: a second trace
+    try:
+        step_fn(states, teacher, jax.device_put(wider, parallel.batch_sharding(mesh)), active)
+        retrace_caught = False
+    except AssertionError:
+        retrace_caught = True
+    return {
+        "max_state_diff": max_abs_diff(out["one_device"]["states"], out["eight_devices"]["states"]),
+        "losses_one_device": out["one_device"]["losses"],
+        "losses_eight_devices": out["eight_devices"]["losses"],
+        "steps_taken": int(out["eight_devices"]["states"].step[0]),
+        "param_sharding": out["eight_devices_param_sharding"],
+        "retrace_caught": retrace_caught,
+    }
+
+
+def check_group_vs_sequential(config, workdir: Path) -> dict:
+    """3 splits of different lengths (one epoch of 100%, 60%, 35% of each digit's training
+    images) in one vmapped program vs one by one."""
+    import dataclasses
+
+    import numpy as np
+
+    from fcd_jax import train
+    from fcd_jax.input_pipeline import load_split
+
+    teacher_params, teacher_model, student_model = teacher_for(config)
+    names = ["0", "1", "2"]
+    splits = [load_split(config.data, name) for name in names]
+    splits = [
+        dataclasses.replace(split, train_images=split.train_images.subset(
+            np.arange(int(len(split.train_images) * fraction))
+        ))
+        for split, fraction in zip(splits, (1.0, 0.6, 0.35), strict=True)
+    ]
+
+    def trained(group: list[int], directory: str):
+        trainer = train.GroupTrainer(
+            config, str(workdir / directory), [splits[i] for i in group], group,
+            teacher_params, teacher_model, student_model,
+        )
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+        return trainer, trainer.final_models(), seconds
+
+    group, group_models, group_seconds = trained([0, 1, 2], "group")
+    sequential = [trained([i], f"alone_{i}") for i in range(3)]
+    diffs = [max_abs_diff(group_models[i], sequential[i][1][0]) for i in range(3)]
+    alone_steps = [int(np.asarray(trainer.states.step)[0]) for trainer, _, _ in sequential]
+    return {
+        "max_model_diff": max(diffs),
+        "mesh_shape": [int(size) for size in group.mesh.devices.shape],
+        "num_stacked": group.num_stacked,
+        "totals": [int(total) for total in group.totals],
+        "group_steps": [int(step) for step in np.asarray(group.states.step)],
+        "alone_steps": alone_steps,
+        "group_step_compilations": group.step_fn._cache_size(),
+        "alone_step_compilations": [trainer.step_fn._cache_size() for trainer, _, _ in sequential],
+        "alone_shares_one_step": len({id(trainer.step_fn) for trainer, _, _ in sequential}) == 1,
+        "seconds_group": group_seconds,
+        "seconds_alone": [seconds for _, _, seconds in sequential],
+    }
+
+
+def check_twenty_splits(workdir: Path) -> dict:
+    """CIFAR-100's 20 superclasses (tfds mock) on 8 devices: 24 stacked, 20 reported."""
+    import numpy as np
+    import tensorflow_datasets as tfds
+
+    from fcd_jax import train
+
+    config = tiny_config(
+        "cifar100_super", "runlocal",
+        # The mock's 160 random labels give superclass 4 two images: one to train, one to hold out.
+        **{"data.name": "cifar100", "train.steps": 2, "data.holdout_fraction": 0.5},
+    )
+    config.teacher.init = "random"
+    config.parallel_splits = "20"
+    trainers = []
+    original_train = train.GroupTrainer.train
+
+    def recording_train(self):
+        trainers.append(self)
+        original_train(self)
+
+    train.GroupTrainer.train = recording_train
+    try:
+        with tfds.testing.mock_data(num_examples=160):
+            result = train.train_and_evaluate(config, str(workdir))
+    finally:
+        train.GroupTrainer.train = original_train
+    (trainer,) = trainers
+    steps = np.asarray(trainer.states.step)
+    results = json.loads((workdir / "results.json").read_text())
+    return {
+        "num_splits": len(trainer.splits),
+        "num_stacked": trainer.num_stacked,
+        "mesh_shape": [int(size) for size in trainer.mesh.devices.shape],
+        "steps": [int(step) for step in steps],
+        "returned_runs": [run["name"] for run in result["runs"]],
+        "results_json_runs": [run["name"] for run in results["runs"]],
+        "run_dirs": sorted(path.name for path in (workdir / "runs").iterdir()),
+        "tensorboard_dirs": sorted(path.name for path in (workdir / "tensorboard").iterdir()),
+        "step_compilations": trainer.step_fn._cache_size(),
+    }
+
+
+def main(out_path: str, only: list[str]) -> None:
+    import jax
+
+    jax.config.update("jax_threefry_partitionable", True)
+    assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+    checks = {
+        "data_parallel": lambda tmp: check_data_parallel(tiny_config()),
+        "group_vs_sequential": lambda tmp: check_group_vs_sequential(
+            tiny_config(**{"train.steps": 0, "train.epochs": 1}), tmp / "three"
+        ),
+        "twenty_splits": lambda tmp: check_twenty_splits(tmp / "twenty"),
+    }
+    results, seconds = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, check in checks.items():
+            if not only or name in only:
+                start = time.perf_counter()
+                results[name] = check(Path(tmp))
+                seconds[name] = time.perf_counter() - start
+    results["seconds"] = seconds
+    Path(out_path).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    main(sys.argv[1], sys.argv[2:])
