@@ -151,3 +151,18 @@ def test_nonexistent_layer_is_one_clear_error():
     config.method.layers = (3, 6)
     with pytest.raises(train.FcdError, match="blocks"):
         train.build_models(config)
+
+
+def test_bfloat16_compute_keeps_float32_params_anchor_and_loss(digits_zero, default_setup):
+    config = tiny_config()
+    config.model.dtype = "bfloat16"
+    teacher_model, student_model = train.build_models(config)
+    _, _, teacher_params, initial, step_f32 = default_setup
+    step_bf16 = train.make_train_step(config, teacher_model, student_model)
+    images = batches(digits_zero, 1)[0]
+    state_f32, metrics_f32 = step_f32(fresh_state(default_setup), teacher_params, images)
+    state_bf16, metrics_bf16 = step_bf16(fresh_state(default_setup), teacher_params, images)
+    assert metrics_bf16["loss"].dtype == jnp.float32 and state_bf16.anchor.dtype == jnp.float32
+    assert {leaf.dtype for leaf in jax.tree.leaves(state_bf16.params)} == {jnp.dtype("float32")}
+    assert float(metrics_bf16["loss"]) == pytest.approx(float(metrics_f32["loss"]), rel=0.05)
+    np.testing.assert_allclose(state_bf16.anchor, state_f32.anchor, rtol=0.05, atol=0.05)
