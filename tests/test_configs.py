@@ -1,6 +1,10 @@
 """Each paper config runs end to end with ``:runlocal`` and a random teacher, one step per split:
 CIFAR-10, CIFAR-100 superclasses and Fashion-MNIST on ``tfds.testing.mock_data``, MVTec AD on a
-generated MVTec-style folder (issue 5, "Must show")."""
+generated MVTec-style folder (issue 5, "Must show").
+
+Splits train ten at a time (CIFAR-100's twenty reuse CIFAR-10's program), MVTec one at a time
+(``test_main``'s program); the persistent compilation cache is shared with ``test_main``.
+"""
 
 import importlib
 import json
@@ -11,6 +15,7 @@ import pytest
 import tensorflow_datasets as tfds
 from fixtures import make_mvtec_folder
 from PIL import Image
+from test_main import shared_compilation_cache
 
 from fcd_jax import paper_results, train
 from fcd_jax.datasets import tfds_one_class
@@ -21,25 +26,33 @@ MOCK_EXAMPLES = 200  # per tfds split: every CIFAR-100 superclass gets a few tra
 MVTEC_SUBSET = ("bottle", "cable", "screw")
 
 
-def paper_config(name: str, num_splits: int):
-    """``configs/<name>.py:runlocal``, random teacher, one step, every split in one program."""
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    with shared_compilation_cache(tmp_path_factory):
+        yield
+
+
+def paper_config(name: str, parallel_splits: int):
+    """``configs/<name>.py:runlocal``, random teacher, one step, ``parallel_splits`` at once."""
     config = importlib.import_module(f"configs.{name}").get_config("runlocal")
     config.teacher.init = "random"
     config.train.steps = 1
-    config.parallel_splits = str(num_splits)
+    config.parallel_splits = str(parallel_splits)
     config.data.holdout_fraction = 0.5
     return config
 
 
-def check_one_step_per_split(workdir: Path, expected_names, dataset: str):
+def check_one_step_per_split(workdir: Path, expected_names, dataset: str, parallel_splits: int):
     written = json.loads((workdir / "results.json").read_text())
     assert written["dataset"] == dataset and written["teacher"] == "random"
     assert [run["name"] for run in written["runs"]] == list(expected_names)
     assert written["mean_image_auroc"] == pytest.approx(
         np.mean([run["image_auroc"] for run in written["runs"]]), abs=1e-12
     )
-    (group_dir,) = (workdir / "checkpoints").iterdir()  # one program for every split
-    assert sorted(p.name for p in group_dir.iterdir() if p.name.isdigit()) == ["1"]
+    group_dirs = list((workdir / "checkpoints").iterdir())
+    assert len(group_dirs) == -(-len(expected_names) // parallel_splits)
+    for group_dir in group_dirs:  # each group trained exactly one step
+        assert sorted(p.name for p in group_dir.iterdir() if p.name.isdigit()) == ["1"]
     markdown = (workdir / "results.md").read_text()
     assert "not comparable to the paper" in markdown
     for run in written["runs"]:
@@ -61,7 +74,7 @@ def check_one_step_per_split(workdir: Path, expected_names, dataset: str):
     ],
 )
 def test_tfds_paper_config_runs_one_step_per_split(config_name, dataset, names, tmp_path):
-    config = paper_config(config_name, len(names))
+    config = paper_config(config_name, 10)
     tfds_one_class.read_split.cache_clear()  # no records cached by another test's mock
     try:
         with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
@@ -69,7 +82,7 @@ def test_tfds_paper_config_runs_one_step_per_split(config_name, dataset, names, 
     finally:
         tfds_one_class.read_split.cache_clear()
     assert outcome["teacher_is_random"]
-    written = check_one_step_per_split(tmp_path, names, dataset)
+    written = check_one_step_per_split(tmp_path, names, dataset, 10)
     for run in written["runs"]:
         assert run["n_test"] == MOCK_EXAMPLES  # the whole test split
         assert 0 < run["n_anomalous"] < MOCK_EXAMPLES
@@ -78,14 +91,14 @@ def test_tfds_paper_config_runs_one_step_per_split(config_name, dataset, names, 
 
 def test_mvtec_config_runs_one_step_per_category(tmp_path):
     root = make_mvtec_folder(tmp_path / "mvtec_ad", categories=MVTEC_SUBSET, n_train=4)
-    config = paper_config("mvtec", len(MVTEC_SUBSET))
+    config = paper_config("mvtec", 1)
     config.data.root = str(root)
     assert train.select_splits(config) == list(paper_results.MVTEC_CATEGORIES)
     config.splits = ",".join(MVTEC_SUBSET)
     config.eval.max_heatmaps = 2
     workdir = tmp_path / "run"
     train.train_and_evaluate(config, str(workdir))
-    written = check_one_step_per_split(workdir, MVTEC_SUBSET, "mvtec")
+    written = check_one_step_per_split(workdir, MVTEC_SUBSET, "mvtec", 1)
     for run in written["runs"]:
         assert run["n_test"] == 7
         assert 0.0 <= run["pixel_auroc"] <= 1.0 and 0.0 <= run["pro"] <= 1.0

@@ -1,54 +1,78 @@
-"""The main job as a user runs it (issue 5): ``python -m fcd_jax.main`` in subprocesses on a
-generated MVTec-style folder with a tiny random-teacher ViT (``:runlocal``).
+"""The main job as a user runs it (issue 5): ``python -m fcd_jax.main`` on a generated
+MVTec-style folder with a tiny random-teacher ViT (``:runlocal``).
 
-Every subprocess shares one JAX compilation cache, so only the first run of a program compiles.
+What is about the command line (SIGKILL and resume, predict's outputs, one-line errors and exit
+codes) runs in subprocesses; the rest calls ``fcd_jax.main.run`` in this process with the same
+config. Every process shares one persistent JAX compilation cache, so each program compiles once.
 """
 
+import contextlib
 import csv
 import json
+import logging
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from fixtures import make_mvtec_folder
+from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
 
 from configs import folder
 from fcd_jax import main as fcd_main
-from fcd_jax.errors import FcdError
+from fcd_jax import train
+from fcd_jax.errors import FcdError, TrainingError
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 CATEGORY = "widget"
 STEPS = 40
-RUN_FLAGS = (
-    "--config=configs/folder.py:runlocal",
-    f"--config.data.category={CATEGORY}",
-    "--config.teacher.init=random",
-    "--config.parallel_splits=1",
-    f"--config.train.steps={STEPS}",
-    "--config.train.checkpoint_every=5",
-    "--config.eval.max_heatmaps=4",
-)
+# The run every test uses: as --config.KEY=VALUE flags and as overrides of the loaded config.
+OVERRIDES = {
+    "data.category": CATEGORY,
+    "teacher.init": "random",
+    "parallel_splits": "1",
+    "train.steps": STEPS,
+    "train.checkpoint_every": 5,
+    "eval.max_heatmaps": 4,
+}
 RESULT_KEYS = {"name", "image_auroc", "n_test", "threshold", "f1", "pixel_auroc", "pro"}
+CACHE_OPTIONS = {
+    "jax_compilation_cache_dir": None,  # set per session
+    "jax_persistent_cache_min_compile_time_secs": 0,
+    "jax_persistent_cache_min_entry_size_bytes": -1,
+}
+
+
+@contextlib.contextmanager
+def shared_compilation_cache(tmp_path_factory):
+    """JAX's persistent compilation cache in one directory per test session, for this process
+    (restored on exit) and for subprocesses (the environment it yields)."""
+    directory = str(tmp_path_factory.getbasetemp() / "jax_compilation_cache")
+    options = dict(CACHE_OPTIONS, jax_compilation_cache_dir=directory)
+    before = {name: getattr(jax.config, name) for name in options}
+    for name, value in options.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+    try:
+        yield {name.upper(): str(value) for name, value in options.items()}
+    finally:
+        for name, value in before.items():
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("jax_cache")
-    return dict(
-        os.environ,
-        OMP_WAIT_POLICY="PASSIVE",
-        JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=str(cache),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
-    )
+    """The subprocesses' environment; this process uses the same compilation cache meanwhile."""
+    with shared_compilation_cache(tmp_path_factory) as cache_env:
+        yield dict(os.environ, OMP_WAIT_POLICY="PASSIVE", JAX_PLATFORMS="cpu", **cache_env)
 
 
 @pytest.fixture(scope="module")
@@ -56,35 +80,41 @@ def data_root(tmp_path_factory):
     return make_mvtec_folder(tmp_path_factory.mktemp("data"), categories=(CATEGORY,))
 
 
+def set_dotted(config, overrides):
+    for dotted, value in overrides.items():
+        *parents, field = dotted.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[field] = value
+    return config
+
+
+def folder_config(data_root, **overrides):
+    """What ``command(data_root, ...)`` runs, as ``fcd_main.run`` receives it; ``overrides``
+    use ``__`` for dots (``optim__lr=1.0``)."""
+    config = folder.get_config("runlocal")
+    set_dotted(config, {**OVERRIDES, "data.root": str(data_root)})
+    return set_dotted(config, {key.replace("__", "."): v for key, v in overrides.items()})
+
+
 def command(data_root, workdir, *extra):
+    flags = [f"--config.{key}={value}" for key, value in OVERRIDES.items()]
     return [
-        sys.executable, "-m", "fcd_jax.main", *RUN_FLAGS, f"--config.data.root={data_root}",
-        f"--workdir={workdir}", *extra,
+        sys.executable, "-m", "fcd_jax.main", "--config=configs/folder.py:runlocal", *flags,
+        f"--config.data.root={data_root}", f"--workdir={workdir}", *extra,
     ]
 
 
-def run_main(env, data_root, workdir, *extra) -> tuple[subprocess.CompletedProcess, float]:
-    start = time.perf_counter()
-    process = subprocess.run(
+def run_main(env, data_root, workdir, *extra) -> subprocess.CompletedProcess:
+    return subprocess.run(
         command(data_root, workdir, *extra), cwd=REPO, env=env, capture_output=True, text=True,
         timeout=600,
     )
-    return process, time.perf_counter() - start
 
 
 def assert_ok(process):
     assert process.returncode == 0, process.stderr[-3000:]
-
-
-def assert_one_line_error(process, *fragments):
-    """Exit code 2 and one ``fcd_jax: error:`` line naming the problem, no stack trace."""
-    assert process.returncode == 2, process.stderr[-3000:]
-    errors = [line for line in process.stderr.splitlines() if line.startswith("fcd_jax: error:")]
-    assert len(errors) == 1, process.stderr[-3000:]
-    assert "Traceback" not in process.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
 
 
 def results(workdir):
@@ -109,15 +139,14 @@ def assert_png(path):
 
 @pytest.fixture(scope="module")
 def trained(env, data_root, tmp_path_factory):
-    """One uninterrupted train_and_eval run through the CLI: (workdir, process, seconds)."""
+    """The uninterrupted run: ``fcd_main.run`` in this process (the CLI's code path)."""
     workdir = tmp_path_factory.mktemp("uninterrupted")
-    process, seconds = run_main(env, data_root, workdir)
-    assert_ok(process)
-    return workdir, process, seconds
+    fcd_main.run(folder_config(data_root), str(workdir), "train_and_eval")
+    return workdir
 
 
 def test_folder_train_and_eval_writes_results_reports_and_plots(trained):
-    workdir, process, _ = trained
+    workdir = trained
     written = results(workdir)
     assert {"dataset", "config", "runs", "mean_image_auroc"} <= set(written)
     assert written["dataset"] == "folder" and written["teacher"] == "random"
@@ -139,20 +168,15 @@ def test_folder_train_and_eval_writes_results_reports_and_plots(trained):
     true_positives = np.sum(flagged & (labels == 1))
     f1 = 2 * true_positives / max(flagged.sum() + labels.sum(), 1)
     assert run["f1"] == pytest.approx(f1, abs=1e-12)
-    assert (Path(workdir) / "runs" / CATEGORY / "result.json").exists()
+    assert (workdir / "runs" / CATEGORY / "result.json").exists()
 
-    markdown = (Path(workdir) / "results.md").read_text()
+    markdown = (workdir / "results.md").read_text()
     assert "random" in markdown and "not comparable to the paper" in markdown
     assert f"| {CATEGORY} | {100 * run['image_auroc']:.1f} |" in markdown
     for plot in ("roc_curves.png", "score_histograms.png", f"runs/{CATEGORY}/heatmaps.png"):
-        assert_png(Path(workdir) / plot)
-    assert list((Path(workdir) / "tensorboard" / CATEGORY).glob("events.out.tfevents.*"))
-    assert (Path(workdir) / "runs" / CATEGORY / "model").is_dir()
-
-    # What the user sees: the random-teacher warning, progress with images/s, one result line.
-    assert "the teacher is RANDOM" in process.stderr
-    assert "img_s=" in process.stderr
-    assert f"run {CATEGORY}: image AUROC {run['image_auroc']:.4f}" in process.stderr
+        assert_png(workdir / plot)
+    assert list((workdir / "tensorboard" / CATEGORY).glob("events.out.tfevents.*"))
+    assert (workdir / "runs" / CATEGORY / "model").is_dir()
 
 
 def test_sigkill_mid_training_then_rerun_gives_identical_results(
@@ -175,49 +199,56 @@ def test_sigkill_mid_training_then_rerun_gives_identical_results(
         victim.wait()
     assert not (workdir / "runs" / CATEGORY / "result.json").exists()
 
-    process, _ = run_main(env, data_root, workdir)
+    process = run_main(env, data_root, workdir)
     assert_ok(process)
     resumed = [line for line in process.stderr.splitlines() if "resuming" in line]
     assert len(resumed) == 1, process.stderr[-3000:]
     resumed_at = int(resumed[0].split(" at step ")[1].split()[0])
     assert 5 <= resumed_at < STEPS
 
-    reference_dir = trained[0]
-    assert results(workdir)["runs"] == results(reference_dir)["runs"]
-    interrupted, reference = scores(workdir), scores(reference_dir)
+    assert results(workdir)["runs"] == results(trained)["runs"]
+    interrupted, reference = scores(workdir), scores(trained)
     assert interrupted.keys() == reference.keys()
     for key in reference:
         np.testing.assert_array_equal(interrupted[key], reference[key], err_msg=key)
 
+    # What the user sees: the random-teacher warning, progress with images/s, one result line.
+    run = results(workdir)["runs"][0]
+    assert "the teacher is RANDOM" in process.stderr
+    assert "img_s=" in process.stderr
+    assert f"run {CATEGORY}: image AUROC {run['image_auroc']:.4f}" in process.stderr
 
-def test_rerun_skips_finished_runs(env, data_root, trained):
-    workdir, _, first_seconds = trained
-    model_files = {p: p.stat().st_mtime_ns for p in (Path(workdir) / "runs").rglob("*")}
-    before = results(workdir)
-    process, seconds = run_main(env, data_root, workdir)
-    assert_ok(process)
-    assert f"run {CATEGORY} already finished" in process.stderr
-    assert f"train {CATEGORY}" not in process.stderr and f"score {CATEGORY}" not in process.stderr
-    assert {p: p.stat().st_mtime_ns for p in (Path(workdir) / "runs").rglob("*")} == model_files
-    assert results(workdir)["runs"] == before["runs"]
-    assert seconds < first_seconds
-    print(f"first run {first_seconds:.1f} s, rerun {seconds:.1f} s")
+
+def forbidden(*args, **kwargs):
+    raise AssertionError("a finished run was trained or scored again")
+
+
+def test_rerun_skips_finished_runs(data_root, trained, monkeypatch, caplog):
+    files = {path: path.stat().st_mtime_ns for path in (trained / "runs").rglob("*")}
+    before = results(trained)
+    monkeypatch.setattr(train, "GroupTrainer", forbidden)
+    monkeypatch.setattr(train, "evaluate_split", forbidden)
+    with caplog.at_level(logging.INFO):
+        fcd_main.run(folder_config(data_root), str(trained), "train_and_eval")
+    assert f"run {CATEGORY} already finished" in caplog.text
+    assert {path: path.stat().st_mtime_ns for path in (trained / "runs").rglob("*")} == files
+    assert results(trained)["runs"] == before["runs"]
 
 
 def test_predict_then_eval_agree_with_training(env, data_root, trained, tmp_path):
-    workdir = trained[0]
-    run = results(workdir)["runs"][0]
+    run = results(trained)["runs"][0]
     inputs = str(data_root / CATEGORY / "test" / "*" / "*.png")
     output_dir = tmp_path / "predictions"
-    process, _ = run_main(
-        env, data_root, workdir, "--mode=predict", f"--config.predict.inputs={inputs}",
+    process = run_main(
+        env, data_root, trained, "--mode=predict", f"--config.predict.inputs={inputs}",
         f"--config.predict.output_dir={output_dir}",
     )
     assert_ok(process)
+    assert json.loads(process.stdout.splitlines()[-1])["images"] == run["n_test"]
     with open(output_dir / "predictions.csv", newline="") as file:
         rows = list(csv.DictReader(file))
     assert sorted(row["path"] for row in rows) == sorted(
-        str(p) for p in (data_root / CATEGORY / "test").glob("*/*.png")
+        str(path) for path in (data_root / CATEGORY / "test").glob("*/*.png")
     )
     predicted = np.array([float(row["score"]) for row in rows])
     for row, score in zip(rows, predicted, strict=True):
@@ -226,73 +257,67 @@ def test_predict_then_eval_agree_with_training(env, data_root, trained, tmp_path
         assert_png(output_dir / row["heatmap"])
     assert len({row["heatmap"] for row in rows}) == len(rows)
     # The same images were scored in training's evaluation: the same scores (CSV: 6 digits).
-    np.testing.assert_allclose(np.sort(predicted), np.sort(scores(workdir)["scores"]), rtol=1e-5)
+    np.testing.assert_allclose(np.sort(predicted), np.sort(scores(trained)["scores"]), rtol=1e-5)
 
-    before = results(workdir)
-    process, _ = run_main(env, data_root, workdir, "--mode=eval")
-    assert_ok(process)
-    assert results(workdir)["runs"] == before["runs"]
+    before = results(trained)
+    fcd_main.run(folder_config(data_root), str(trained), "eval")
+    assert results(trained)["runs"] == before["runs"]
 
 
 def test_nan_loss_stops_with_one_line_and_keeps_checkpoints(env, data_root, tmp_path):
-    process, _ = run_main(
-        env, data_root, tmp_path, "--config.optim.lr=1e30", "--config.optim.clip_norm=0",
-        "--config.train.checkpoint_every=1",
+    config = folder_config(
+        data_root, optim__lr=1e30, optim__clip_norm=0.0, train__checkpoint_every=1
     )
-    error = assert_one_line_error(process, f"run {CATEGORY}: the loss became nan", "optim.lr")
-    kept_step = int(error.split("checkpoints up to step ")[1].split()[0])
+    with pytest.raises(TrainingError) as error:
+        fcd_main.run(config, str(tmp_path), "train_and_eval")
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"run {CATEGORY}: the loss became nan" in message and "optim.lr" in message
+    kept_step = int(message.split("checkpoints up to step ")[1].split()[0])
     checkpoint_dir = tmp_path / "checkpoints" / CATEGORY
-    steps = sorted(int(p.name) for p in checkpoint_dir.iterdir() if p.name.isdigit())
+    steps = sorted(int(path.name) for path in checkpoint_dir.iterdir() if path.name.isdigit())
     assert steps and steps[-1] == kept_step
-    assert not [p for p in checkpoint_dir.iterdir() if "tmp" in p.name]
+    assert not [path for path in checkpoint_dir.iterdir() if "tmp" in path.name]
     assert (checkpoint_dir / str(kept_step) / "commit_success.txt").exists()
     assert not (tmp_path / "runs" / CATEGORY / "result.json").exists()
 
 
-def test_cli_errors_are_one_line_with_exit_code_2(env, data_root, tmp_path):
-    no_teacher = subprocess.run(
+def test_cli_error_is_one_line_with_exit_code_2(env, tmp_path):
+    process = subprocess.run(
         [sys.executable, "-m", "fcd_jax.main", "--config=configs/cifar10.py:runlocal",
-         f"--workdir={tmp_path / 'cifar10'}"],
+         f"--workdir={tmp_path}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
-    assert_one_line_error(
-        no_teacher, "no teacher checkpoint", "ViT-B_16.npz", "--config.teacher.checkpoint=",
-        "python -m fcd_jax.convert",
-    )
+    assert process.returncode == 2, process.stderr[-3000:]
+    errors = [line for line in process.stderr.splitlines() if line.startswith("fcd_jax: error:")]
+    assert len(errors) == 1 and "Traceback" not in process.stderr, process.stderr[-3000:]
+    for fragment in ("no teacher checkpoint", "ViT-B_16.npz", "--config.teacher.checkpoint=",
+                     "python -m fcd_jax.convert"):
+        assert fragment in errors[0]
 
-    corrupt_root = make_mvtec_folder(tmp_path / "corrupt", categories=(CATEGORY,))
-    bad_image = corrupt_root / CATEGORY / "train" / "good" / "001.png"
+
+def corrupt_copy(data_root, tmp_path):
+    root = make_mvtec_folder(tmp_path / "corrupt", categories=(CATEGORY,))
+    bad_image = root / CATEGORY / "train" / "good" / "001.png"
     bad_image.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
-    corrupt, _ = run_main(env, corrupt_root, tmp_path / "corrupt_run")
-    assert_one_line_error(corrupt, "cannot read image", str(bad_image), "skip_bad_images")
-
-
-def folder_config(data_root, **overrides):
-    """``configs/folder.py:runlocal`` with the CLI's overrides, as ``main.run`` receives it."""
-    config = folder.get_config("runlocal")
-    config.data.update(root=str(data_root), category=CATEGORY)
-    config.teacher.init = "random"
-    for dotted, value in overrides.items():
-        *parents, field = dotted.split("__")
-        node = config
-        for parent in parents:
-            node = node[parent]
-        node[field] = value
-    return config
+    return {"data__root": str(root)}, ("cannot read image", str(bad_image), "skip_bad_images")
 
 
 @pytest.mark.parametrize(
-    ("overrides", "fragments"),
+    "case",
     [
-        ({"data__name": "imagenet"}, ("unknown dataset 'imagenet'", "cifar10", "folder")),
-        ({"splits": "gizmo"}, ("unknown split(s) gizmo", CATEGORY)),
-        ({"data__root": "/no/such/folder"}, ("missing folder /no/such/folder",)),
+        lambda root, tmp: ({"data__name": "imagenet"}, ("unknown dataset 'imagenet'", "folder")),
+        lambda root, tmp: ({"splits": "gizmo"}, ("unknown split(s) gizmo", CATEGORY)),
+        lambda root, tmp: ({"data__root": "/no/such/dir"}, ("missing folder /no/such/dir",)),
+        corrupt_copy,
     ],
+    ids=["unknown_dataset", "unknown_split", "missing_folder", "corrupt_image"],
 )
-def test_input_errors_name_the_problem_in_one_line(data_root, tmp_path, overrides, fragments):
+def test_input_errors_name_the_problem_in_one_line(env, data_root, tmp_path, case):
+    overrides, fragments = case(data_root, tmp_path)
     with pytest.raises(FcdError) as error:
         fcd_main.run(folder_config(data_root, **overrides), str(tmp_path), "train_and_eval")
     message = str(error.value)
     assert "\n" not in message
     for fragment in fragments:
-        assert fragment in message
+        assert fragment in message, message
