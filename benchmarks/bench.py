@@ -1,0 +1,571 @@
+"""Times fcd-jax's train and score steps beside the same steps in PyTorch (``torch_reference.py``).
+
+Run from the repository root (BENCHMARKS.md lists the commands behind every number)::
+
+    python -m benchmarks.bench --variant=B/16 --image_size=224 --batch=8 --score_batch=32
+
+One invocation builds one random teacher and student, loads the very same weights into fcd-jax
+and into PyTorch (eager and ``torch.compile``), asserts that every implementation gives the same
+losses and scores (``--rtol``), then times them. Timed steps are interleaved (one step of each
+implementation per round) so that the drift of a shared machine hits all of them alike; only the
+ratios of one run are meaningful. The last line printed is::
+
+    speedup vs torch eager: X.XX, vs torch.compile: Y.YY, flop utilisation: Z%
+
+where the utilisation is the analytic model FLOP/s of fcd-jax's train step over the float32 (or
+``--dtype``) matmul peak measured by a ``jnp.dot`` in the same run.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported, see torch_reference
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Any  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import default  # noqa: E402
+from fcd_jax import evaluate, train  # noqa: E402
+from fcd_jax.losses import gram_pairs  # noqa: E402
+from fcd_jax.models.vit import parse_variant  # noqa: E402
+
+PAPER_DEPTH = 12  # groupc {3, 6, 9, 11} is given for ViT-B's 12 blocks
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def scaled_layers(layers: Sequence[int], depth: int) -> tuple[int, ...]:
+    """groupc of a 12-block ViT mapped onto ``depth`` blocks (``(3, 6, 9, 11)`` at depth 4:
+    ``(0, 1, 2, 3)``); block c ends the fraction (c + 1) / 12 of the network."""
+    scaled = [max(0, round((c + 1) * depth / PAPER_DEPTH) - 1) for c in layers]
+    return tuple(sorted(set(scaled)))
+
+
+def bench_config(variant: str, image_size: int, batch: int, dtype: str = "float32",
+                 overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """The default config (METHOD.md defaults) at this size, with ``key=value`` overrides
+    (``model.scan_layers=False``, ``model.width=32``, ...) applied last."""
+    config = default.get_config()
+    config.model.variant = variant
+    config.model.dtype = dtype
+    config.data.image_size = image_size
+    config.data.batch_size = batch
+    config.teacher.init = "random"
+    for override in overrides:
+        apply_override(config, override)
+    depth = int(config.model.get("depth") or parse_variant(config.model.variant)["depth"])
+    if depth != PAPER_DEPTH:
+        config.method.layers = scaled_layers(config.method.layers, depth)
+        config.method.anchor_layers = scaled_layers(config.method.anchor_layers, depth)
+    return config
+
+
+def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
+    """``"model.scan_layers=False"`` -> ``config.model.scan_layers = False`` (typed as before)."""
+    key, _, text = override.partition("=")
+    *parents, name = key.strip().split(".")
+    node = config
+    for parent in parents:
+        node = node[parent]
+    if name not in node:
+        raise SystemExit(f"unknown config field {key!r} in override {override!r}")
+    old = node[name]
+    if isinstance(old, bool):
+        value: Any = text.strip().lower() in ("1", "true", "yes")
+    elif isinstance(old, tuple):
+        value = tuple(int(v) for v in text.strip("()").split(",") if v.strip())
+    elif old is None:
+        value = text
+    else:
+        value = type(old)(text)
+    with config.unlocked():
+        node[name] = value
+
+
+def architecture(config: ml_collections.ConfigDict) -> dict[str, int]:
+    """patch_size, width, depth, num_heads, mlp_dim of ``config.model``."""
+    arch = parse_variant(config.model.variant)
+    for name in arch:
+        if config.model.get(name):
+            arch[name] = int(config.model[name])
+    return arch
+
+
+# ---------------------------------------------------------------- analytic FLOPs
+
+
+def vit_forward_flops(arch: dict[str, int], image_size: int, depth: int) -> float:
+    """Matmul FLOPs (2 per multiply-add) of one image through the patch embedding and ``depth``
+    encoder blocks: qkv, q k^T, attention-weighted values, output projection, the two MLP layers.
+    LayerNorm, softmax, GELU and the residual adds are not counted."""
+    patch, width, mlp_dim = arch["patch_size"], arch["width"], arch["mlp_dim"]
+    patches = (image_size // patch) ** 2
+    tokens = patches + 1
+    embedding = 2 * patches * (patch * patch * 3) * width
+    attention = 2 * tokens * width * 3 * width + 2 * 2 * tokens * tokens * width
+    attention += 2 * tokens * width * width
+    mlp = 2 * 2 * tokens * width * mlp_dim
+    return float(embedding + depth * (attention + mlp))
+
+
+def train_step_flops(config: ml_collections.ConfigDict) -> float:
+    """Model FLOPs of one train step (whole batch): teacher forward to the last block used, student
+    forward + backward (3x forward; the patch embedding needs no input gradient, so 2x for it),
+    and the Gram matrices (2 N D^2 each for T and S, and twice that for S's backward)."""
+    arch, size = architecture(config), config.data.image_size
+    teacher = vit_forward_flops(arch, size, train.teacher_depth(config.method))
+    student = 3 * vit_forward_flops(arch, size, arch["depth"])
+    student -= vit_forward_flops(arch, size, 0)  # no gradient w.r.t. the images
+    tokens = (size // arch["patch_size"]) ** 2 + 1
+    gram = len(gram_pairs(config.method)) * 8 * tokens * arch["width"] ** 2
+    return config.data.batch_size * (teacher + student + gram)
+
+
+def score_step_flops(config: ml_collections.ConfigDict, batch: int) -> float:
+    """Model FLOPs of scoring ``batch`` images: teacher and student forward passes."""
+    arch, size = architecture(config), config.data.image_size
+    teacher = vit_forward_flops(arch, size, train.teacher_depth(config.method))
+    return batch * (teacher + vit_forward_flops(arch, size, arch["depth"]))
+
+
+# ---------------------------------------------------------------- machine measurements
+
+
+def best_seconds(run: Callable[[], Any], repeats: int) -> float:
+    """Fastest of ``repeats`` calls of ``run`` (which must block until its work is done)."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def jax_matmul_peak(size: int, dtype: str, repeats: int = 5) -> float:
+    """FLOP/s of the best of ``repeats`` ``size``^3 ``jnp.dot``s in ``dtype`` (default device)."""
+    keys = jax.random.split(jax.random.key(0))
+    a, b = (jax.random.normal(k, (size, size), jnp.dtype(dtype)) for k in keys)
+    dot = jax.jit(jnp.dot)
+    dot(a, b).block_until_ready()
+    return 2 * size**3 / best_seconds(lambda: dot(a, b).block_until_ready(), repeats)
+
+
+def torch_matmul_peak(size: int, repeats: int = 5) -> float:
+    """FLOP/s of the best of ``repeats`` float32 ``size``^3 ``torch.mm``s (MKL on this CPU)."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    return 2 * size**3 / best_seconds(lambda: torch.mm(a, b), repeats)
+
+
+class HostMemory:
+    """Peak resident memory of this process over a phase (Linux: VmHWM, reset via clear_refs)."""
+
+    def __init__(self):
+        self.start_rss = 0
+
+    @staticmethod
+    def _status(field_name: str) -> int:
+        try:
+            with open("/proc/self/status") as status:
+                for line in status:
+                    if line.startswith(field_name + ":"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def reset(self) -> None:
+        try:
+            with open("/proc/self/clear_refs", "w") as clear_refs:
+                clear_refs.write("5")  # resets VmHWM to the current RSS
+        except OSError:
+            pass
+        self.start_rss = self._status("VmRSS")
+
+    def peak_increase(self) -> int:
+        """Bytes by which the peak RSS since :meth:`reset` exceeded the RSS at the reset."""
+        return max(0, self._status("VmHWM") - self.start_rss)
+
+
+def device_peak_bytes() -> int | None:
+    """Peak bytes in use on the default device since start, where the backend reports it."""
+    stats = jax.devices()[0].memory_stats()
+    return None if not stats else stats.get("peak_bytes_in_use")
+
+
+# ---------------------------------------------------------------- implementations
+
+
+@dataclass
+class Implementation:
+    """One contestant: ``train_step(images)`` -> loss (float), ``score(images)`` -> scores."""
+
+    name: str
+    train_step: Callable[[Any], float]
+    score: Callable[[Any], np.ndarray]
+    to_input: Callable[[np.ndarray], Any]  # host uint8 images -> what the steps take
+    block: Callable[[], None] = lambda: None  # waits until dispatched work is done
+    compile_seconds: dict[str, float] = field(default_factory=dict)
+    host_peak_bytes: int = 0
+    flops: float = 0.0  # of one train step, for the utilisation of this implementation
+
+
+class JaxFcd:
+    """fcd-jax's own train step (``train.make_train_step``) and score step
+    (``evaluate.make_score_step``, scores only: the anomaly map is pruned by jit)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, teacher_params: dict,
+                 student_params: dict, images: np.ndarray, score_images: np.ndarray):
+        self.config = config
+        teacher_model, student_model = train.build_models(config)
+        # jnp.array copies: the host arrays are shared by every contestant, the state is donated.
+        self.teacher_params = jax.tree.map(
+            jnp.array, train.prepare_teacher_params(teacher_params, config.method)
+        )
+        state = train.create_train_state(
+            config, teacher_params["pos_embedding"], student_model, jax.random.key(1), 10**6
+        )
+        self.state = state.replace(params=jax.tree.map(jnp.array, student_params))
+        self.compile_seconds: dict[str, float] = {}
+        start = time.perf_counter()
+        self._train = train.make_train_step(config, teacher_model, student_model).lower(
+            self.state, self.teacher_params, jnp.asarray(images)
+        ).compile()
+        self.compile_seconds["train"] = time.perf_counter() - start
+        self.memory = self._train.memory_analysis()
+        score_step = evaluate.make_score_step(config, teacher_model, student_model)
+        scores_only = jax.jit(lambda *args: score_step(*args)["score"])
+        start = time.perf_counter()
+        self._score = scores_only.lower(
+            self.teacher_params, self.state.params, self.state.anchor, jnp.asarray(score_images)
+        ).compile()
+        self.compile_seconds["score"] = time.perf_counter() - start
+
+    def train_step(self, images: jax.Array) -> jax.Array:
+        self.state, metrics = self._train(self.state, self.teacher_params, images)
+        return metrics["loss"]
+
+    def score(self, images: jax.Array) -> jax.Array:
+        return self._score(self.teacher_params, self.state.params, self.state.anchor, images)
+
+    def block(self) -> None:
+        jax.block_until_ready(self.state)
+
+
+def jax_implementation(name: str, config: ml_collections.ConfigDict, teacher_params: dict,
+                       student_params: dict, images: np.ndarray, score_images: np.ndarray,
+                       memory: HostMemory) -> Implementation:
+    memory.reset()
+    fcd = JaxFcd(config, teacher_params, student_params, images, score_images)
+    impl = Implementation(
+        name, fcd.train_step, fcd.score, to_input=jax.device_put, block=fcd.block,
+        compile_seconds=fcd.compile_seconds, flops=train_step_flops(config),
+    )
+    impl.host_peak_bytes = memory.peak_increase()
+    return impl
+
+
+def torch_implementation(name: str, config: ml_collections.ConfigDict, teacher_params: dict,
+                         student_params: dict, compile_mode: str | None) -> Implementation:
+    import torch
+
+    from benchmarks import torch_reference
+
+    optim, method = config.optim, config.method
+    if optim.name != "sgd" or optim.schedule != "constant" or optim.weight_decay:
+        raise SystemExit("the PyTorch peer implements SGD with warmup then a constant lr only")
+    if (method.distill_form, method.gram_form, method.anchor_update, method.image_score) != (
+        "default", "default", "mean", "paper"
+    ) or tuple(method.gram_pairs):
+        raise SystemExit("the PyTorch peer implements METHOD.md's default forms only")
+    arch = architecture(config)
+    fcd = torch_reference.TorchFcd(
+        teacher_params, student_params, num_heads=arch["num_heads"], layers=method.layers,
+        anchor_layers=method.anchor_layers, lam=method.lam, top_k=method.top_k,
+        image_size=config.data.image_size, mean=config.data.mean, std=config.data.std,
+        eps=config.model.layernorm_eps, gelu_approximate=config.model.gelu_approximate,
+        lr_schedule=torch_reference.warmup_constant_lr(optim.lr, optim.warmup_steps),
+        momentum=optim.momentum, clip_norm=optim.clip_norm,
+        freeze_pos_embedding=method.pos_embedding == train.FROZEN_POS_EMBEDDING,
+        compile=compile_mode is not None, compile_mode=compile_mode or None,
+    )
+    return Implementation(
+        name, train_step=fcd.train_step, score=fcd.score, to_input=torch.from_numpy,
+        flops=train_step_flops(config),
+    )
+
+
+# ---------------------------------------------------------------- the run
+
+
+def relative_error(value: np.ndarray, reference: np.ndarray) -> float:
+    value, reference = np.asarray(value, np.float64), np.asarray(reference, np.float64)
+    return float(np.max(np.abs(value - reference)) / max(np.max(np.abs(reference)), 1e-12))
+
+
+def check_agreement(name: str, what: str, values: list[np.ndarray], references: list[np.ndarray],
+                    rtol: float) -> float:
+    """Largest relative error of ``values`` against ``references``; exits if above ``rtol``."""
+    error = max(relative_error(v, r) for v, r in zip(values, references, strict=True))
+    print(f"  {name:24s} {what}: max relative difference to the reference {error:.1e}")
+    if not error <= rtol:
+        raise SystemExit(f"{name} disagrees with the reference on the {what}: {error:.2e} > {rtol}")
+    return error
+
+
+def timed_rounds(impls: list[Implementation], run: Callable[[Implementation, Any], Any],
+                 inputs: dict[str, Any], steps: int
+                 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """``steps`` rounds, each timing one blocking call of every implementation in turn.
+
+    Returns wall-clock and process CPU seconds per call; on a shared machine the CPU seconds (all
+    threads together) are the steadier measure of work, the wall-clock the one that counts.
+    """
+    wall: dict[str, list[float]] = {impl.name: [] for impl in impls}
+    cpu: dict[str, list[float]] = {impl.name: [] for impl in impls}
+    for _ in range(steps):
+        for impl in impls:
+            start, start_cpu = time.perf_counter(), time.process_time()
+            jax.block_until_ready(run(impl, inputs[impl.name]))
+            impl.block()
+            wall[impl.name].append(time.perf_counter() - start)
+            cpu[impl.name].append(time.process_time() - start_cpu)
+    return wall, cpu
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Builds, checks and times every implementation; returns everything measured."""
+    import torch
+
+    torch.set_num_threads(args.torch_threads or os.cpu_count() or 1)
+    config = bench_config(args.variant, args.image_size, args.batch, args.dtype, args.override)
+    arch = architecture(config)
+    result: dict[str, Any] = dict(
+        args=vars(args), arch=arch, layers=config.method.layers,
+        machine=dict(platform=platform.platform(), processor=platform.processor(),
+                     cpu_count=os.cpu_count(), load_average=os.getloadavg()),
+        environment={name: os.environ.get(name, "") for name in
+                     ("GLIBC_TUNABLES", "OMP_WAIT_POLICY", "XLA_FLAGS", "OMP_NUM_THREADS")},
+        versions=dict(python=sys.version.split()[0], jax=jax.__version__, torch=torch.__version__,
+                      backend=jax.default_backend(), device=str(jax.devices()[0])),
+    )
+    print(f"fcd-jax benchmark: ViT-{config.model.variant} {arch}, image {args.image_size}, "
+          f"batch {args.batch}, score batch {args.score_batch}, dtype {args.dtype}, "
+          f"layers {config.method.layers}, on {jax.devices()[0]} ({os.cpu_count()} CPUs, "
+          f"load {os.getloadavg()[0]:.2f})")
+
+    peak = {"jax": jax_matmul_peak(args.peak_size, args.dtype)}
+    if "torch" in args.impls or "torch_compile" in args.impls:
+        peak["torch"] = torch_matmul_peak(args.peak_size)
+    result["matmul_peak_flops"] = peak
+    print("matmul peak, " + ", ".join(f"{k}: {v / 1e9:.1f} GFLOP/s" for k, v in peak.items())
+          + f" ({args.peak_size}^3 {args.dtype} for jax, float32 for torch)")
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (args.batch, args.image_size, args.image_size, 3), np.uint8)
+    score_images = rng.integers(
+        0, 256, (args.score_batch, args.image_size, args.image_size, 3), np.uint8
+    )
+    _, student_model = train.build_models(config)
+    teacher_key, student_key = jax.random.split(jax.random.key(args.seed))
+    # A random teacher of the student's full depth, as a converted checkpoint would be.
+    teacher_params = jax.device_get(train.init_params(student_model, args.image_size, teacher_key))
+    student_params = jax.device_get(train.init_params(student_model, args.image_size, student_key))
+    if config.method.pos_embedding == train.FROZEN_POS_EMBEDDING:
+        student_params = dict(student_params, pos_embedding=teacher_params["pos_embedding"])
+
+    memory = HostMemory()
+    impls = [jax_implementation("jax", config, teacher_params, student_params, images,
+                                score_images, memory)]
+    for override in args.jax_variant:
+        overrides = [*args.override, *override.split(",")]
+        variant_config = bench_config(
+            args.variant, args.image_size, args.batch, args.dtype, overrides
+        )
+        impls.append(jax_implementation(f"jax[{override}]", variant_config, teacher_params,
+                                        student_params, images, score_images, memory))
+    torch_modes = {"torch": None, "torch_compile": args.torch_compile_mode}
+    for name in ("torch", "torch_compile"):
+        if name in args.impls:
+            memory.reset()
+            impls.append(torch_implementation(name, config, teacher_params, student_params,
+                                              torch_modes[name]))
+            impls[-1].host_peak_bytes = memory.peak_increase()
+
+    # Warm-up steps, which double as the agreement check (and torch.compile's compilation).
+    inputs = {impl.name: impl.to_input(images) for impl in impls}
+    score_inputs = {impl.name: impl.to_input(score_images) for impl in impls}
+    losses: dict[str, list[np.ndarray]] = {}
+    scores: dict[str, list[np.ndarray]] = {}
+    print(f"warm-up and agreement ({args.warmup} train steps, then the scores):")
+    for impl in impls:
+        memory.reset()
+        start = time.perf_counter()
+        losses[impl.name] = [np.asarray(impl.train_step(inputs[impl.name]))
+                             for _ in range(args.warmup)]
+        scores[impl.name] = [np.asarray(impl.score(score_inputs[impl.name]))]
+        impl.host_peak_bytes = max(impl.host_peak_bytes, memory.peak_increase())
+        if impl.name == "torch_compile":  # compiles in its first calls: report warm-up + compile
+            impl.compile_seconds["first calls"] = time.perf_counter() - start
+    reference = "torch" if "torch" in losses else impls[-1].name
+    agreement = {}
+    for impl in impls:
+        if impl.name != reference:
+            rtol = args.rtol if args.dtype == "float32" else args.low_precision_rtol
+            agreement[impl.name] = {
+                what: check_agreement(impl.name, what, values[impl.name], values[reference], rtol)
+                for what, values in (("loss", losses), ("scores", scores))
+            }
+    result["agreement"] = dict(reference=reference, relative_errors=agreement,
+                               losses={k: [float(x) for x in v] for k, v in losses.items()})
+
+    print(f"timing: {args.steps} interleaved rounds of train steps, then of score steps")
+    train_seconds, train_cpu = timed_rounds(
+        impls, lambda impl, x: impl.train_step(x), inputs, args.steps
+    )
+    score_seconds, score_cpu = timed_rounds(
+        impls, lambda impl, x: impl.score(x), score_inputs, args.score_steps
+    )
+    score_flops = score_step_flops(config, args.score_batch)
+    rows = {}
+    for impl in impls:
+        train_median = statistics.median(train_seconds[impl.name])
+        score_median = statistics.median(score_seconds[impl.name])
+        rows[impl.name] = dict(
+            train_images_per_s=args.batch / train_median,
+            train_step_s=train_median,
+            train_step_s_all=train_seconds[impl.name],
+            train_cpu_s=statistics.median(train_cpu[impl.name]),
+            train_cpu_s_all=train_cpu[impl.name],
+            score_cpu_s=statistics.median(score_cpu[impl.name]),
+            train_gflop_per_s=impl.flops / train_median / 1e9,
+            train_utilisation=impl.flops / train_median / peak["jax"],
+            score_images_per_s=args.score_batch / score_median,
+            score_step_s=score_median,
+            score_gflop_per_s=score_flops / score_median / 1e9,
+            compile_seconds=impl.compile_seconds,
+            host_peak_increase_mb=impl.host_peak_bytes / 2**20,
+        )
+    result["train_flops"], result["score_flops"] = impls[0].flops, score_flops
+    result["device_peak_bytes"] = device_peak_bytes()
+    result["results"] = rows
+    print_table(rows, result)
+
+    jax_row = rows["jax"]
+    ratios = {
+        other: jax_row["train_images_per_s"] / rows[other]["train_images_per_s"]
+        for other in ("torch", "torch_compile") if other in rows
+    }
+    result["speedup"] = ratios
+    result["summary"] = (
+        f"speedup vs torch eager: {ratios.get('torch', float('nan')):.2f}, "
+        f"vs torch.compile: {ratios.get('torch_compile', float('nan')):.2f}, "
+        f"flop utilisation: {100 * jax_row['train_utilisation']:.0f}%"
+    )
+    return result
+
+
+def print_table(rows: dict[str, dict[str, Any]], result: dict[str, Any]) -> None:
+    print(f"train step: {result['train_flops'] / 1e9:.1f} GFLOP; score step: "
+          f"{result['score_flops'] / 1e9:.1f} GFLOP (analytic matmul FLOPs)")
+    header = (f"{'implementation':34s} {'train img/s':>11s} {'step s':>7s} {'cpu s':>6s} "
+              f"{'GFLOP/s':>8s} {'util':>5s} {'score img/s':>11s} {'cpu s':>6s} "
+              f"{'compile s':>10s} {'host MB':>8s}")
+    print(header)
+    for name, row in rows.items():
+        compile_s = "+".join(f"{v:.1f}" for v in row["compile_seconds"].values()) or "-"
+        print(f"{name:34s} {row['train_images_per_s']:11.2f} {row['train_step_s']:7.2f} "
+              f"{row['train_cpu_s']:6.2f} {row['train_gflop_per_s']:8.1f} "
+              f"{100 * row['train_utilisation']:4.0f}% {row['score_images_per_s']:11.2f} "
+              f"{row['score_cpu_s']:6.2f} {compile_s:>10s} {row['host_peak_increase_mb']:8.0f}")
+    if result["device_peak_bytes"] is not None:
+        print(f"device peak memory: {result['device_peak_bytes'] / 2**20:.0f} MB")
+    jax_scores = rows["jax"]["score_images_per_s"]
+    score_ratios = [f"vs {name}: {jax_scores / rows[name]['score_images_per_s']:.2f}"
+                    for name in ("torch", "torch_compile") if name in rows]
+    if score_ratios:
+        print("score speedup " + ", ".join(score_ratios))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variant", default="B/16", help="ViT variant, e.g. S/16 or B/16")
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=8, help="train batch")
+    parser.add_argument("--score_batch", type=int, default=32)
+    parser.add_argument("--dtype", default="float32", help="fcd-jax compute dtype; params: f32")
+    parser.add_argument("--steps", type=int, default=10, help="timed rounds of train steps")
+    parser.add_argument("--score_steps", type=int, default=5, help="timed rounds of score steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed, checked train steps")
+    parser.add_argument("--impls", default="jax,torch,torch_compile",
+                        help="comma-separated subset of jax,torch,torch_compile")
+    parser.add_argument("--override", action="append", default=[],
+                        help="config override for every fcd-jax run, e.g. model.width=32")
+    parser.add_argument("--jax_variant", action="append", default=[],
+                        help="an extra fcd-jax contestant: comma-separated overrides, e.g. "
+                             "model.scan_layers=False")
+    parser.add_argument("--torch_compile_mode", default="default",
+                        help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    parser.add_argument("--torch_threads", type=int, default=0, help="0 = one per CPU")
+    parser.add_argument("--peak_size", type=int, default=2048, help="side of the peak matmul")
+    parser.add_argument("--rtol", type=float, default=1e-3)
+    parser.add_argument("--low_precision_rtol", type=float, default=3e-2,
+                        help="agreement tolerance when --dtype is not float32")
+    parser.add_argument("--no_huge_pages", action="store_true",
+                        help="do not restart with GLIBC_TUNABLES=glibc.malloc.hugetlb=1")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default="", help="write every measurement to this file")
+    args = parser.parse_args(argv)
+    args.impls = [name.strip() for name in args.impls.split(",") if name.strip()]
+    return args
+
+
+def reexec_with_huge_pages(argv: Sequence[str]) -> None:
+    """Restarts this process with glibc's malloc using transparent huge pages.
+
+    Both XLA's per-step temporary buffers and PyTorch's tensors are large ``malloc``s that glibc
+    maps fresh on every step: ~90k page faults per ViT-S train step at batch 2 without huge pages,
+    under 1k with them. glibc reads the tunable only at start-up, hence the re-exec; it helps
+    every contestant of the run alike. ``--no_huge_pages`` keeps the plain allocator.
+    """
+    tunable = "glibc.malloc.hugetlb=1"
+    current = os.environ.get("GLIBC_TUNABLES", "")
+    if tunable in current or not sys.platform.startswith("linux"):
+        return
+    env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [current, tunable])))
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "benchmarks.bench", *argv], env)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if not args.no_huge_pages and __name__ == "__main__":
+        reexec_with_huge_pages(sys.argv[1:] if argv is None else argv)
+    result = run_benchmark(args)
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(result, out, indent=1, default=str)
+    print(result["summary"])
+    return result
+
+
+if __name__ == "__main__":
+    main()
