@@ -516,10 +516,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if summary is not None:
             logging.info("run %s already finished (image AUROC %.4f): skipped", name,
                          summary["image_auroc"])
+    # Groups are fixed by the selection, not by what is left: a group interrupted between its
+    # runs' evaluations restores its final checkpoint, since a split trained in another group
+    # would differ in the last float bits.
     todo = [name for name in names if summaries[name] is None]
-    group_size = group_size_for(config, len(todo)) if todo else 1
-    for start in range(0, len(todo), group_size):
-        group = todo[start: start + group_size]
+    group_size = group_size_for(config, len(names)) if todo else 1
+    for start in range(0, len(names), group_size):
+        group = names[start: start + group_size]
+        if not set(group) & set(todo):
+            continue
         splits = [load_split(config.data, name) for name in group]
         trainer = GroupTrainer(
             config, workdir, splits, [names.index(name) for name in group],
@@ -527,6 +532,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         )
         trainer.train()
         for split, model in zip(splits, trainer.final_models(), strict=True):
+            if split.name not in todo:
+                continue
             directory = run_dir(workdir, split.name)
             checkpoints.save_tree(os.path.join(directory, "model"), model)
             summary = evaluate_split(

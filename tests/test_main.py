@@ -1,5 +1,6 @@
 """The main job as a user runs it (issue 5): ``python -m fcd_jax.main`` on a generated
-MVTec-style folder with a tiny random-teacher ViT (``:runlocal``).
+MVTec-style folder of two categories, trained together as one group, with a tiny random-teacher
+ViT (``:runlocal``).
 
 What is about the command line (SIGKILL and resume, predict's outputs, one-line errors and exit
 codes) runs in subprocesses; the rest calls ``fcd_jax.main.run`` in this process with the same
@@ -11,6 +12,8 @@ import csv
 import json
 import logging
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -31,13 +34,13 @@ from fcd_jax.errors import FcdError, TrainingError
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-CATEGORY = "widget"
+CATEGORIES = ("gadget", "widget")  # folder runs, in their order
+GROUP = "+".join(CATEGORIES)  # trained together: one checkpoint directory
 STEPS = 40
 # The run every test uses: as --config.KEY=VALUE flags and as overrides of the loaded config.
 OVERRIDES = {
-    "data.category": CATEGORY,
     "teacher.init": "random",
-    "parallel_splits": "1",
+    "parallel_splits": "2",
     "train.steps": STEPS,
     "train.checkpoint_every": 5,
     "eval.max_heatmaps": 4,
@@ -77,7 +80,7 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    return make_mvtec_folder(tmp_path_factory.mktemp("data"), categories=(CATEGORY,))
+    return make_mvtec_folder(tmp_path_factory.mktemp("data"), categories=CATEGORIES)
 
 
 def set_dotted(config, overrides):
@@ -121,9 +124,20 @@ def results(workdir):
     return json.loads((Path(workdir) / "results.json").read_text())
 
 
-def scores(workdir):
-    with np.load(Path(workdir) / "runs" / CATEGORY / "scores.npz", allow_pickle=False) as arrays:
+def scores(workdir, name):
+    with np.load(Path(workdir) / "runs" / name / "scores.npz", allow_pickle=False) as arrays:
         return {key: arrays[key] for key in arrays.files}
+
+
+def assert_same_scores(workdir, reference, name):
+    ours, theirs = scores(workdir, name), scores(reference, name)
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        np.testing.assert_array_equal(ours[key], theirs[key], err_msg=f"{name}: {key}")
+
+
+def mtimes(directory):
+    return {path: path.stat().st_mtime_ns for path in Path(directory).rglob("*")}
 
 
 def numpy_auroc(scores, labels):
@@ -150,40 +164,44 @@ def test_folder_train_and_eval_writes_results_reports_and_plots(trained):
     written = results(workdir)
     assert {"dataset", "config", "runs", "mean_image_auroc"} <= set(written)
     assert written["dataset"] == "folder" and written["teacher"] == "random"
-    assert written["config"]["data"]["category"] == CATEGORY
-    (run,) = written["runs"]
-    assert RESULT_KEYS <= set(run) and run["name"] == CATEGORY
-    assert run["n_test"] == 3 + 2 * 2  # test/good + two defects of two images each
-    for key in ("image_auroc", "f1", "pixel_auroc", "pro"):
-        assert 0.0 <= run[key] <= 1.0, key
-    assert written["mean_image_auroc"] == run["image_auroc"]
-
-    # The numbers follow from the saved scores: AUROC and F1 at the threshold, by plain NumPy.
-    arrays = scores(workdir)
-    assert arrays["scores"].shape == (run["n_test"],)
-    labels = arrays["labels"]
-    assert labels.sum() == 4
-    assert run["image_auroc"] == pytest.approx(numpy_auroc(arrays["scores"], labels), abs=1e-12)
-    flagged = arrays["scores"] >= run["threshold"]
-    true_positives = np.sum(flagged & (labels == 1))
-    f1 = 2 * true_positives / max(flagged.sum() + labels.sum(), 1)
-    assert run["f1"] == pytest.approx(f1, abs=1e-12)
-    assert (workdir / "runs" / CATEGORY / "result.json").exists()
-
+    assert [run["name"] for run in written["runs"]] == list(CATEGORIES)
+    assert written["mean_image_auroc"] == pytest.approx(
+        np.mean([run["image_auroc"] for run in written["runs"]]), abs=1e-12
+    )
     markdown = (workdir / "results.md").read_text()
     assert "random" in markdown and "not comparable to the paper" in markdown
-    assert f"| {CATEGORY} | {100 * run['image_auroc']:.1f} |" in markdown
-    for plot in ("roc_curves.png", "score_histograms.png", f"runs/{CATEGORY}/heatmaps.png"):
+    for plot in ("roc_curves.png", "score_histograms.png"):
         assert_png(workdir / plot)
-    assert list((workdir / "tensorboard" / CATEGORY).glob("events.out.tfevents.*"))
-    assert (workdir / "runs" / CATEGORY / "model").is_dir()
+    assert [path.name for path in (workdir / "checkpoints").iterdir()] == [GROUP]
+
+    for run in written["runs"]:
+        name = run["name"]
+        assert RESULT_KEYS <= set(run)
+        assert run["n_test"] == 3 + 2 * 2  # test/good + two defects of two images each
+        for key in ("image_auroc", "f1", "pixel_auroc", "pro"):
+            assert 0.0 <= run[key] <= 1.0, key
+        # The numbers follow from the saved scores: AUROC and F1 at the threshold, by NumPy.
+        arrays = scores(workdir, name)
+        labels = arrays["labels"]
+        assert arrays["scores"].shape == (run["n_test"],) and labels.sum() == 4
+        auroc = numpy_auroc(arrays["scores"], labels)
+        assert run["image_auroc"] == pytest.approx(auroc, abs=1e-12)
+        flagged = arrays["scores"] >= run["threshold"]
+        true_positives = np.sum(flagged & (labels == 1))
+        f1 = 2 * true_positives / max(flagged.sum() + labels.sum(), 1)
+        assert run["f1"] == pytest.approx(f1, abs=1e-12)
+        assert f"| {name} | {100 * run['image_auroc']:.1f} |" in markdown
+        assert_png(workdir / "runs" / name / "heatmaps.png")
+        assert (workdir / "runs" / name / "result.json").exists()
+        assert (workdir / "runs" / name / "model").is_dir()
+        assert list((workdir / "tensorboard" / name).glob("events.out.tfevents.*"))
 
 
 def test_sigkill_mid_training_then_rerun_gives_identical_results(
     env, data_root, trained, tmp_path
 ):
     workdir = tmp_path / "killed"
-    first_checkpoint = workdir / "checkpoints" / CATEGORY / "5"
+    first_checkpoint = workdir / "checkpoints" / GROUP / "5"
     victim = subprocess.Popen(
         command(data_root, workdir), cwd=REPO, env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -197,7 +215,7 @@ def test_sigkill_mid_training_then_rerun_gives_identical_results(
         victim.kill()  # SIGKILL: no cleanup, no waiting for asynchronous saves
     finally:
         victim.wait()
-    assert not (workdir / "runs" / CATEGORY / "result.json").exists()
+    assert not list(workdir.glob("runs/*/result.json"))
 
     process = run_main(env, data_root, workdir)
     assert_ok(process)
@@ -207,16 +225,35 @@ def test_sigkill_mid_training_then_rerun_gives_identical_results(
     assert 5 <= resumed_at < STEPS
 
     assert results(workdir)["runs"] == results(trained)["runs"]
-    interrupted, reference = scores(workdir), scores(trained)
-    assert interrupted.keys() == reference.keys()
-    for key in reference:
-        np.testing.assert_array_equal(interrupted[key], reference[key], err_msg=key)
+    for name in CATEGORIES:
+        assert_same_scores(workdir, trained, name)
 
     # What the user sees: the random-teacher warning, progress with images/s, one result line.
-    run = results(workdir)["runs"][0]
     assert "the teacher is RANDOM" in process.stderr
     assert "img_s=" in process.stderr
-    assert f"run {CATEGORY}: image AUROC {run['image_auroc']:.4f}" in process.stderr
+    for run in results(workdir)["runs"]:
+        assert f"run {run['name']}: image AUROC {run['image_auroc']:.4f}" in process.stderr
+
+
+def test_group_interrupted_between_its_runs_finishes_identically(
+    data_root, trained, tmp_path, caplog
+):
+    """Killed after the first run of a group was written: the group restores its final
+    checkpoint (a split trained alone would differ in the last bits)."""
+    workdir = tmp_path / "half_evaluated"
+    shutil.copytree(trained, workdir)
+    first, second = CATEGORIES
+    for leftover in ("result.json", "scores.npz", "heatmaps.png"):
+        (workdir / "runs" / second / leftover).unlink()
+    (workdir / "results.json").unlink()
+    first_files = mtimes(workdir / "runs" / first)
+    with caplog.at_level(logging.INFO):
+        fcd_main.run(folder_config(data_root), str(workdir), "train_and_eval")
+    assert f"at step {STEPS} of {STEPS}" in caplog.text  # restored, not trained again
+    assert [path.name for path in (workdir / "checkpoints").iterdir()] == [GROUP]
+    assert mtimes(workdir / "runs" / first) == first_files
+    assert results(workdir)["runs"] == results(trained)["runs"]
+    assert_same_scores(workdir, trained, second)
 
 
 def forbidden(*args, **kwargs):
@@ -224,31 +261,35 @@ def forbidden(*args, **kwargs):
 
 
 def test_rerun_skips_finished_runs(data_root, trained, monkeypatch, caplog):
-    files = {path: path.stat().st_mtime_ns for path in (trained / "runs").rglob("*")}
+    files = mtimes(trained / "runs")
     before = results(trained)
     monkeypatch.setattr(train, "GroupTrainer", forbidden)
     monkeypatch.setattr(train, "evaluate_split", forbidden)
     with caplog.at_level(logging.INFO):
         fcd_main.run(folder_config(data_root), str(trained), "train_and_eval")
-    assert f"run {CATEGORY} already finished" in caplog.text
-    assert {path: path.stat().st_mtime_ns for path in (trained / "runs").rglob("*")} == files
+    for name in CATEGORIES:
+        assert f"run {name} already finished" in caplog.text
+    assert mtimes(trained / "runs") == files
     assert results(trained)["runs"] == before["runs"]
 
 
 def test_predict_then_eval_agree_with_training(env, data_root, trained, tmp_path):
-    run = results(trained)["runs"][0]
-    inputs = str(data_root / CATEGORY / "test" / "*" / "*.png")
+    name = CATEGORIES[1]
+    run = results(trained)["runs"][1]
+    inputs = str(data_root / name / "test" / "*" / "*.png")
     output_dir = tmp_path / "predictions"
+    with pytest.raises(FcdError, match=r"holds 2 trained runs .* --config.splits=NAME"):
+        fcd_main.run(folder_config(data_root, predict__inputs=inputs), str(trained), "predict")
     process = run_main(
         env, data_root, trained, "--mode=predict", f"--config.predict.inputs={inputs}",
-        f"--config.predict.output_dir={output_dir}",
+        f"--config.predict.output_dir={output_dir}", f"--config.splits={name}",
     )
     assert_ok(process)
     assert json.loads(process.stdout.splitlines()[-1])["images"] == run["n_test"]
     with open(output_dir / "predictions.csv", newline="") as file:
         rows = list(csv.DictReader(file))
     assert sorted(row["path"] for row in rows) == sorted(
-        str(path) for path in (data_root / CATEGORY / "test").glob("*/*.png")
+        str(path) for path in (data_root / name / "test").glob("*/*.png")
     )
     predicted = np.array([float(row["score"]) for row in rows])
     for row, score in zip(rows, predicted, strict=True):
@@ -257,7 +298,8 @@ def test_predict_then_eval_agree_with_training(env, data_root, trained, tmp_path
         assert_png(output_dir / row["heatmap"])
     assert len({row["heatmap"] for row in rows}) == len(rows)
     # The same images were scored in training's evaluation: the same scores (CSV: 6 digits).
-    np.testing.assert_allclose(np.sort(predicted), np.sort(scores(trained)["scores"]), rtol=1e-5)
+    evaluated = scores(trained, name)["scores"]
+    np.testing.assert_allclose(np.sort(predicted), np.sort(evaluated), rtol=1e-5)
 
     before = results(trained)
     fcd_main.run(folder_config(data_root), str(trained), "eval")
@@ -272,14 +314,14 @@ def test_nan_loss_stops_with_one_line_and_keeps_checkpoints(env, data_root, tmp_
         fcd_main.run(config, str(tmp_path), "train_and_eval")
     message = str(error.value)
     assert "\n" not in message
-    assert f"run {CATEGORY}: the loss became nan" in message and "optim.lr" in message
+    assert re.search(r"run \w+: the loss became nan at step \d+; lower --config.optim.lr", message)
     kept_step = int(message.split("checkpoints up to step ")[1].split()[0])
-    checkpoint_dir = tmp_path / "checkpoints" / CATEGORY
+    checkpoint_dir = tmp_path / "checkpoints" / GROUP
     steps = sorted(int(path.name) for path in checkpoint_dir.iterdir() if path.name.isdigit())
     assert steps and steps[-1] == kept_step
     assert not [path for path in checkpoint_dir.iterdir() if "tmp" in path.name]
     assert (checkpoint_dir / str(kept_step) / "commit_success.txt").exists()
-    assert not (tmp_path / "runs" / CATEGORY / "result.json").exists()
+    assert not list(tmp_path.glob("runs/*/result.json"))
 
 
 def test_cli_error_is_one_line_with_exit_code_2(env, tmp_path):
@@ -297,8 +339,8 @@ def test_cli_error_is_one_line_with_exit_code_2(env, tmp_path):
 
 
 def corrupt_copy(data_root, tmp_path):
-    root = make_mvtec_folder(tmp_path / "corrupt", categories=(CATEGORY,))
-    bad_image = root / CATEGORY / "train" / "good" / "001.png"
+    root = make_mvtec_folder(tmp_path / "corrupt", categories=CATEGORIES[:1])
+    bad_image = root / CATEGORIES[0] / "train" / "good" / "001.png"
     bad_image.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     return {"data__root": str(root)}, ("cannot read image", str(bad_image), "skip_bad_images")
 
@@ -307,7 +349,7 @@ def corrupt_copy(data_root, tmp_path):
     "case",
     [
         lambda root, tmp: ({"data__name": "imagenet"}, ("unknown dataset 'imagenet'", "folder")),
-        lambda root, tmp: ({"splits": "gizmo"}, ("unknown split(s) gizmo", CATEGORY)),
+        lambda root, tmp: ({"splits": "gizmo"}, ("unknown split(s) gizmo", ", ".join(CATEGORIES))),
         lambda root, tmp: ({"data__root": "/no/such/dir"}, ("missing folder /no/such/dir",)),
         corrupt_copy,
     ],
