@@ -25,16 +25,20 @@ SPLIT, DATA = "split", "data"
 
 
 def choose_mesh_shape(num_splits: int, batch_size: int, num_devices: int) -> tuple[int, int]:
-    """Splits first: the largest split axis that divides the devices, is at most ``num_splits``
-    and leaves a data axis that divides the batch."""
-    for split_axis in sorted(_divisors(num_devices), reverse=True):
-        data_axis = num_devices // split_axis
-        if split_axis <= max(num_splits, 1) and batch_size % data_axis == 0:
-            return split_axis, data_axis
-    raise FcdError(
-        f"no mesh of {num_devices} devices fits {num_splits} splits with batch size {batch_size}: "
-        "set --config.mesh_shape or a batch size divisible by the device count"
-    )
+    """(split, data) axis sizes: splits first.
+
+    The largest split axis that divides the devices, is at most ``num_splits`` and leaves a data
+    axis that divides the batch; if there is none (e.g. one split of batch 4 on 8 devices), the
+    smallest larger split axis that does, filled with padding splits. Split axis = devices
+    (data axis 1) always fits.
+    """
+    fits = [
+        split_axis for split_axis in _divisors(num_devices)
+        if batch_size % (num_devices // split_axis) == 0
+    ]
+    within = [split_axis for split_axis in fits if split_axis <= max(num_splits, 1)]
+    split_axis = max(within) if within else min(fits)
+    return split_axis, num_devices // split_axis
 
 
 def _divisors(n: int) -> list[int]:
