@@ -630,6 +630,8 @@ def auto_parallel_splits(config: ml_collections.ConfigDict, num_splits: int) -> 
             "--config.data.batch_size, use --config.model.remat=True or more devices on 'data'"
         )
     group = min(num_splits, fits_per_device * split_axis)
+    # Every process must train the same groups: process 0's measurement decides.
+    group = int(multihost_utils.broadcast_one_to_all(np.int32(group)))
     logging.info(
         "parallel_splits=auto: %.2f GiB per split, %.2f GiB fixed, %d of %d splits at once",
         per_split / 2**30, (one - per_split) / 2**30, group, num_splits,
