@@ -1,0 +1,216 @@
+"""The benchmark (benchmarks/bench.py) runs on a tiny model, and its PyTorch peer
+(benchmarks/torch_reference.py) computes what fcd-jax computes. Nothing here is timed."""
+
+import functools
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ sits beside fcd_jax/ and is not installed
+    sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks import bench, torch_reference  # noqa: E402
+from fcd_jax import train  # noqa: E402
+from fcd_jax.models import build_vit  # noqa: E402
+
+TINY = ["model.width=32", "model.depth=4", "model.num_heads=2", "model.mlp_dim=64",
+        "method.top_k=2"]
+TINY_ARGS = ["--variant=S/8", "--image_size=16", *(f"--override={o}" for o in TINY)]
+
+
+def tiny_config(batch: int = 2) -> ml_collections.ConfigDict:
+    return bench.bench_config("S/8", 16, batch, "float32", TINY)
+
+
+# ---------------------------------------------------------------- the benchmark runs
+
+
+def test_benchmark_runs_on_a_tiny_model_and_implementations_agree(capsys):
+    result = bench.main([
+        *TINY_ARGS, "--batch=2", "--score_batch=3", "--steps=2", "--score_steps=1",
+        "--warmup=2", "--impls=jax,torch", "--peak_size=64",
+    ])
+    errors = result["agreement"]["relative_errors"]["jax"]
+    assert result["agreement"]["reference"] == "torch"
+    assert errors["loss"] < 1e-5 and errors["scores"] < 1e-5
+    losses = result["agreement"]["losses"]
+    assert len(losses["jax"]) == 2 and losses["jax"][0] > 0
+    for name in ("jax", "torch"):
+        row = result["results"][name]
+        assert len(row["train_step_s_all"]) == 2
+        assert row["train_images_per_s"] > 0 and row["score_images_per_s"] > 0
+    assert result["results"]["jax"]["compile_seconds"]["train"] > 0
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"speedup vs torch eager: \d+\.\d\d, vs torch\.compile: nan, flop utilisation: \d+%",
+        last_line,
+    ), last_line
+
+
+def test_disagreement_stops_the_benchmark():
+    same = [np.array([1.0, 2.0])]
+    assert bench.check_agreement("x", "loss", same, same, 1e-3) == 0.0
+    with pytest.raises(SystemExit, match="disagrees"):
+        bench.check_agreement("x", "loss", [np.array([1.0, 2.01])], same, 1e-3)
+
+
+# ---------------------------------------------------------------- the PyTorch peer
+
+
+def test_torch_vit_holds_the_flax_vits_weights():
+    config = tiny_config()
+    model = build_vit(config.model)
+    images = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
+    params = jax.jit(model.init)(jax.random.key(0), images)["params"]
+    params = jax.tree.map(  # non-zero biases and cls, so that a misplaced one shows
+        lambda p: p + 0.1 * np.random.default_rng(1).normal(size=p.shape), params
+    )
+    expected = np.asarray(jax.jit(model.apply)({"params": params}, images)["blocks"])
+    with torch.no_grad():
+        blocks = torch_reference.vit_from_params(params, num_heads=2)(
+            torch.from_numpy(images).permute(0, 3, 1, 2)
+        )
+    np.testing.assert_allclose(np.stack([b.numpy() for b in blocks]), expected,
+                               rtol=1e-4, atol=1e-4)
+
+
+def numpy_diff(teacher, student):
+    """Eq. 8 on [..., width] arrays."""
+    dot = np.sum(teacher * student, -1)
+    norms = np.linalg.norm(teacher, axis=-1) * np.linalg.norm(student, axis=-1)
+    return np.linalg.norm(teacher - student, axis=-1) + 1 - dot / np.maximum(norms, 1e-8)
+
+
+def numpy_fcd_loss(teacher, student, anchor, layers, anchor_layer, lam):
+    """Eq. 6 with the default forms, one image at a time."""
+    total = 0.0
+    for t, s in zip(np.moveaxis(teacher, 1, 0), np.moveaxis(student, 1, 0), strict=True):
+        distill = sum(numpy_diff(t[c], s[c]).mean() for c in layers)
+        anchor_term = np.linalg.norm(s[anchor_layer][0] - anchor)
+        gram = 0.0
+        for a, b in zip(layers[:-1], layers[1:], strict=True):
+            tokens, width = t[a].shape
+            g_t, g_s = t[a].T @ t[b] / tokens, s[a].T @ s[b] / tokens
+            gram += np.sqrt(np.sum((g_t - g_s) ** 2)) / width
+        total += distill + lam * (anchor_term + gram)
+    return total / teacher.shape[1]
+
+
+def numpy_scores(teacher, student, anchor, layers, anchor_layer, k):
+    """Eqs. 7-10, one image at a time."""
+    scores = []
+    for t, s in zip(np.moveaxis(teacher, 1, 0), np.moveaxis(student, 1, 0), strict=True):
+        s_d = 0.0
+        for c in layers:
+            diff = numpy_diff(t[c], s[c])
+            s_d += diff[0] + np.sort(diff[1:])[-k:].mean()
+        s_a = np.linalg.norm(t[anchor_layer][0] - anchor)
+        s_a += np.linalg.norm(s[anchor_layer][0] - anchor)
+        scores.append(s_d + s_a)
+    return np.array(scores)
+
+
+def test_torch_loss_and_scores_match_numpy_references():
+    rng = np.random.default_rng(0)
+    depth, batch, tokens, width, layers, anchor_layer = 4, 3, 9, 8, (0, 2, 3), 3
+    teacher = rng.normal(size=(depth, batch, tokens, width))
+    student = teacher + 0.5 * rng.normal(size=teacher.shape)
+    anchor = rng.normal(size=width)
+    as_list = lambda blocks: [torch.from_numpy(b) for b in blocks]
+    loss = torch_reference.fcd_loss(as_list(teacher), as_list(student),
+                                    torch.from_numpy(anchor)[None], layers, (anchor_layer,), 0.7)
+    np.testing.assert_allclose(
+        loss.item(), numpy_fcd_loss(teacher, student, anchor, layers, anchor_layer, 0.7), rtol=1e-10
+    )
+    scores = torch_reference.anomaly_scores(as_list(teacher), as_list(student),
+                                            torch.from_numpy(anchor)[None], layers,
+                                            (anchor_layer,), 3)
+    np.testing.assert_allclose(
+        scores.numpy(), numpy_scores(teacher, student, anchor, layers, anchor_layer, 3), rtol=1e-10
+    )
+
+
+def test_torch_anchor_is_the_running_mean_of_every_cls_seen():
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(size=(n, 1, 5)) for n in (3, 1, 4)]
+    anchor, seen = torch.zeros(1, 5, dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    for cls in batches:
+        anchor = torch_reference.update_anchor(anchor, seen, torch.from_numpy(cls))
+        seen = seen + len(cls)
+    np.testing.assert_allclose(anchor.numpy(), np.concatenate(batches).mean(0), rtol=1e-12)
+
+
+def test_torch_learning_rate_is_fcd_jaxs():
+    optim = ml_collections.ConfigDict(dict(lr=0.2, warmup_steps=5, schedule="constant"))
+    schedule = torch_reference.warmup_constant_lr(optim.lr, optim.warmup_steps)
+    for step in (0, 1, 4, 5, 50):
+        expected = float(train.learning_rate(jnp.asarray(step), jnp.asarray(100), optim))
+        assert schedule(step) == pytest.approx(expected, rel=1e-6)
+
+
+# ---------------------------------------------------------------- FLOPs and config
+
+
+def jaxpr_matmul_flops(jaxpr) -> float:
+    """2 * M * N * K of every dot_general in a (closed) jaxpr, scan bodies times their length."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs_shape = eqn.invars[0].aval.shape
+            contracted = math.prod(lhs_shape[d] for d in lhs_contract)
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * contracted
+        for value in eqn.params.values():  # pjit, scan, remat, custom_vjp, ... bodies
+            inner = getattr(value, "jaxpr", value)  # ClosedJaxpr -> Jaxpr
+            if hasattr(inner, "eqns"):
+                total += eqn.params.get("length", 1) * jaxpr_matmul_flops(inner)
+    return total
+
+
+def test_forward_flops_count_every_matmul_of_the_vit():
+    config = tiny_config()
+    model = build_vit(config.model)
+    images = jnp.zeros((1, 16, 16, 3))
+    params = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
+    jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, images))(params)
+    arch = bench.architecture(config)
+    assert bench.vit_forward_flops(arch, 16, arch["depth"]) == jaxpr_matmul_flops(jaxpr.jaxpr)
+
+
+def test_train_step_flops_count_the_step_matmuls():
+    config = tiny_config(batch=3)
+    teacher_model, student_model = train.build_models(config)
+    key = jax.random.key(0)
+    teacher_params = jax.eval_shape(functools.partial(train.init_params, teacher_model, 16), key)
+    state = jax.eval_shape(
+        lambda: train.create_train_state(
+            config, jnp.zeros((1, 5, 32)), student_model, key, 10
+        )
+    )
+    step = functools.partial(train.train_step, config=config, teacher_model=teacher_model,
+                             student_model=student_model)
+    images = jax.ShapeDtypeStruct((3, 16, 16, 3), jnp.uint8)
+    counted = jaxpr_matmul_flops(jax.make_jaxpr(step)(state, teacher_params, images).jaxpr)
+    analytic = bench.train_step_flops(config)
+    # The Gram backward may also differentiate the teacher's half of a stacked matmul.
+    gram_teacher_backward = 3 * 3 * 4 * 5 * 32**2  # batch * pairs * 4 N D^2
+    assert analytic <= counted <= analytic + gram_teacher_backward
+
+
+def test_groupc_is_scaled_to_the_depth():
+    assert bench.scaled_layers((3, 6, 9, 11), 12) == (3, 6, 9, 11)
+    assert bench.scaled_layers((3, 6, 9, 11), 4) == (0, 1, 2, 3)
+    assert bench.scaled_layers((3, 6, 9, 11), 2) == (0, 1)
+    assert tiny_config().method.anchor_layers == (3,)
