@@ -109,9 +109,16 @@ def score_source(
 
 
 def heatmap_indices(labels: np.ndarray, count: int) -> np.ndarray:
-    """Up to ``count`` test images for the heat-map grid: anomalous ones first, then normal."""
-    anomalous = np.flatnonzero(labels == 1)[: max(count - count // 4, 1)]
-    normal = np.flatnonzero(labels == 0)[: count - len(anomalous)]
+    """Up to ``count`` test images for the heat-map grid: about three quarters anomalous, the rest
+    normal, each spread evenly over the test set (so over its defect types)."""
+
+    def spread(indices: np.ndarray, wanted: int) -> np.ndarray:
+        if len(indices) <= wanted:
+            return indices
+        return indices[np.linspace(0, len(indices) - 1, wanted).round().astype(int)]
+
+    anomalous = spread(np.flatnonzero(labels == 1), max(count - count // 4, 1))
+    normal = spread(np.flatnonzero(labels == 0), count - len(anomalous))
     return np.concatenate([anomalous, normal])[:count]
 
 
