@@ -71,7 +71,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
     if skipped:
         logging.warning("skipped %d unreadable image(s): %s", len(skipped), ", ".join(skipped))
     teacher_key, _ = split_keys(config.seed)
-    teacher_params, _ = load_teacher(config, workdir, teacher_key)
+    teacher_params, teacher_is_random = load_teacher(config, workdir, teacher_key)
     teacher_model, student_model = build_models(config)
     mesh = parallel.data_mesh()
     teacher_params = jax.device_put(
@@ -90,5 +90,6 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
     logging.info("run %s: %d of %d images anomalous at threshold %.4f; wrote %s", name,
                  int(verdicts.sum()), len(verdicts), threshold, csv_path)
     print(json.dumps({"run": name, "csv": str(csv_path), "anomalous": int(verdicts.sum()),
-                      "images": len(verdicts), "skipped": len(skipped)}))
+                      "images": len(verdicts), "skipped": len(skipped),
+                      "random_teacher": teacher_is_random}))
     return str(csv_path)

@@ -21,12 +21,16 @@ HOW_TO_GET_A_TEACHER = (
     "(converted once and cached; `python -m fcd_jax.convert SRC DST` converts ahead of time)"
 )
 ARCH_FIELDS = ("patch_size", "width", "depth", "num_heads", "mlp_dim")
+RANDOM_TEACHER_WARNING = (
+    "the teacher is RANDOM (teacher.init='random'): this run proves the machinery only, its "
+    "numbers are not comparable to the paper"
+)
 
 
 def load_teacher(
     config: ml_collections.ConfigDict, workdir: str, key: jax.Array
 ) -> tuple[dict, bool]:
-    """(teacher parameters on the host, whether they are random).
+    """(teacher parameters on the host, whether they are random; a random one is logged as such).
 
     A converted checkpoint fixes the architecture, the LayerNorm epsilon and the GELU form: those
     are written into ``config.model`` so that teacher and student match the checkpoint.
@@ -34,6 +38,7 @@ def load_teacher(
     teacher = config.teacher
     model = build_vit(config.model)
     if teacher.init == "random":
+        logging.warning(RANDOM_TEACHER_WARNING)
         params = init_params(model, config.data.image_size, key)
         return jax.tree.map(np.asarray, jax.device_get(params)), True
     if teacher.init != "pretrained":

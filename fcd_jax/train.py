@@ -233,12 +233,6 @@ def make_train_step(
 # The experiment: every split of a dataset, trained in groups, checkpointed, scored, reported.
 # --------------------------------------------------------------------------------------------
 
-RANDOM_TEACHER_WARNING = (
-    "the teacher is RANDOM (teacher.init='random'): this run proves the machinery only, its "
-    "numbers are not comparable to the paper"
-)
-
-
 def split_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     """(teacher key, base key of the students); student ``i`` uses ``fold_in(base, i)``."""
     teacher_key, student_key = jax.random.split(jax.random.key(seed))
@@ -406,7 +400,9 @@ class GroupTrainer:
                     f"run {split.name}: the loss became {loss} at step {step}; lower "
                     f"--config.optim.lr or keep --config.optim.clip_norm=1.0 ("
                     + ("no checkpoint was written yet" if kept is None else
-                       f"checkpoints up to step {kept} are kept in {self.checkpoints.directory}")
+                       f"checkpoints up to step {kept} are kept in {self.checkpoints.directory};"
+                       " a rerun resumes from them: delete it or use another --workdir to start"
+                       " afresh")
                     + ")"
                 )
 
@@ -505,8 +501,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     names = select_splits(config)
     teacher_key, _ = split_keys(config.seed)
     teacher_params, teacher_is_random = load_teacher(config, workdir, teacher_key)
-    if teacher_is_random:
-        logging.warning(RANDOM_TEACHER_WARNING)
     teacher_model, student_model = build_models(config)
     teacher_params = prepare_teacher_params(teacher_params, config.method)
     score_step = make_score_step(config, teacher_model, student_model)

@@ -285,7 +285,9 @@ def test_predict_then_eval_agree_with_training(env, data_root, trained, tmp_path
         f"--config.predict.output_dir={output_dir}", f"--config.splits={name}",
     )
     assert_ok(process)
-    assert json.loads(process.stdout.splitlines()[-1])["images"] == run["n_test"]
+    summary = json.loads(process.stdout.splitlines()[-1])
+    assert summary["images"] == run["n_test"] and summary["random_teacher"] is True
+    assert "the teacher is RANDOM" in process.stderr
     with open(output_dir / "predictions.csv", newline="") as file:
         rows = list(csv.DictReader(file))
     assert sorted(row["path"] for row in rows) == sorted(
@@ -315,6 +317,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_checkpoints(env, data_root, tmp_
     message = str(error.value)
     assert "\n" not in message
     assert re.search(r"run \w+: the loss became nan at step \d+; lower --config.optim.lr", message)
+    assert "delete it or use another --workdir" in message
     kept_step = int(message.split("checkpoints up to step ")[1].split()[0])
     checkpoint_dir = tmp_path / "checkpoints" / GROUP
     steps = sorted(int(path.name) for path in checkpoint_dir.iterdir() if path.name.isdigit())
@@ -363,3 +366,19 @@ def test_input_errors_name_the_problem_in_one_line(env, data_root, tmp_path, cas
     assert "\n" not in message
     for fragment in fragments:
         assert fragment in message, message
+
+
+def test_comma_separated_datasets_run_in_turn_in_their_own_workdirs(monkeypatch, tmp_path):
+    calls = []
+
+    def record(config, workdir):
+        calls.append((config.data.name, workdir))
+
+    monkeypatch.setattr(train, "train_and_evaluate", record)
+    config = folder.get_config("runlocal")
+    config.data.name = "cifar10, fashion_mnist"
+    fcd_main.run(config, str(tmp_path), "train_and_eval")
+    assert calls == [
+        ("cifar10", str(tmp_path / "cifar10")), ("fashion_mnist", str(tmp_path / "fashion_mnist"))
+    ]
+    assert config.data.name == "cifar10, fashion_mnist"  # the caller's config is left alone
