@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import jax
@@ -159,6 +159,20 @@ def jit_stacked_step(
         out_shardings=(state_shardings, stacked_sharding(mesh)),
         donate_argnums=0,
     )
+
+
+_JITTED: dict[Hashable, Callable] = {}
+
+
+def jit_once(key: Hashable, build: Callable[[], Callable]) -> Callable:
+    """The jitted function built for ``key``, built on first use and kept for the process.
+
+    ``jax.jit`` caches compilations per function object: a program rebuilt for every group of
+    splits (``parallel_splits=N``) would compile again for every group.
+    """
+    if key not in _JITTED:
+        _JITTED[key] = build()
+    return _JITTED[key]
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:

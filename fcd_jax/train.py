@@ -265,14 +265,17 @@ def init_stacked_states(
         key = jax.random.fold_in(student_key, split_index)
         return create_train_state(config, pos_embedding, student_model, key, total)
 
-    stacked_init = jax.vmap(init, in_axes=(0, 0, None))
-    abstract = jax.eval_shape(stacked_init, split_indices, total_steps, teacher_pos_embedding)
-    shardings = jax.tree.map(lambda _: parallel.stacked_sharding(mesh), abstract)
-    states = jax.jit(stacked_init, out_shardings=shardings)(
+    stacked_init = parallel.jit_once(
+        ("init", ml_collections.FrozenConfigDict(config), student_model, mesh),
+        lambda: jax.jit(
+            jax.vmap(init, in_axes=(0, 0, None)), out_shardings=parallel.stacked_sharding(mesh)
+        ),
+    )
+    states = stacked_init(
         jnp.asarray(split_indices, jnp.int32), jnp.asarray(total_steps, jnp.int32),
         teacher_pos_embedding,
     )
-    return states, shardings
+    return states, jax.tree.map(lambda _: parallel.stacked_sharding(mesh), states)
 
 
 def select_splits(config: ml_collections.ConfigDict) -> list[str]:
@@ -304,22 +307,20 @@ def group_size_for(config: ml_collections.ConfigDict, num_splits: int) -> int:
 class GroupTrainer:
     """Trains a group of splits as one stacked, sharded, checkpointed program."""
 
-    # Jitted stacked steps by (config, models, mesh): groups of one size trained one after
-    # another (``parallel_splits=N``) share one step and so compile it once, not once per group.
-    _steps: dict[tuple, Callable] = {}
-
-    @classmethod
+    @staticmethod
     def stacked_step(
-        cls, config: ml_collections.ConfigDict, teacher_model: nn.Module,
-        student_model: nn.Module, mesh: jax.sharding.Mesh,
+        config: ml_collections.ConfigDict, teacher_model: nn.Module, student_model: nn.Module,
+        mesh: jax.sharding.Mesh,
     ) -> Callable:
-        key = (ml_collections.FrozenConfigDict(config), teacher_model, student_model, mesh)
-        if key not in cls._steps:
-            cls._steps[key] = parallel.jit_stacked_step(
+        """The jitted stacked step, one per (config, models, mesh): groups of one size trained
+        one after another (``parallel_splits=N``) compile it once, not once per group."""
+        return parallel.jit_once(
+            ("step", ml_collections.FrozenConfigDict(config), teacher_model, student_model, mesh),
+            lambda: parallel.jit_stacked_step(
                 make_stacked_train_step(config, teacher_model, student_model),
                 mesh, parallel.stacked_sharding(mesh),
-            )
-        return cls._steps[key]
+            ),
+        )
 
     def __init__(
         self,
@@ -454,10 +455,10 @@ class GroupTrainer:
 
     def final_models(self) -> list[dict]:
         """Each split's trained ``{"params", "anchor"}``, replicated over the mesh."""
-        take = jax.jit(
+        take = parallel.jit_once(("take", self.mesh), lambda: jax.jit(
             lambda states, index: jax.tree.map(lambda leaf: leaf[index], states),
             out_shardings=parallel.replicated(self.mesh),
-        )
+        ))
         models = []
         for index in range(len(self.splits)):
             state = take(self.states, index)

@@ -84,6 +84,23 @@ def max_abs_diff(tree_a, tree_b) -> float:
     return max(jax.tree.leaves(diffs))
 
 
+_LOWERINGS = [0]
+
+
+def count_lowerings() -> int:
+    """Programs lowered for XLA so far in this process (each is a compilation or a cache read)."""
+    if not _LOWERINGS[1:]:
+        import jax
+
+        def listen(event: str, *args, **kwargs) -> None:
+            if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+                _LOWERINGS[0] += 1
+
+        jax.monitoring.register_event_duration_secs_listener(listen)
+        _LOWERINGS.append(True)
+    return _LOWERINGS[0]
+
+
 def teacher_for(config):
     import jax
 
@@ -173,19 +190,19 @@ def check_group_vs_sequential(config, workdir: Path) -> dict:
     ]
 
     def trained(group: list[int], directory: str):
+        start, lowerings = time.perf_counter(), count_lowerings()
         trainer = train.GroupTrainer(
             config, str(workdir / directory), [splits[i] for i in group], group,
             teacher_params, teacher_model, student_model,
         )
-        start = time.perf_counter()
         trainer.train()
-        seconds = time.perf_counter() - start
-        return trainer, trainer.final_models(), seconds
+        models = trainer.final_models()
+        return trainer, models, time.perf_counter() - start, count_lowerings() - lowerings
 
-    group, group_models, group_seconds = trained([0, 1, 2], "group")
+    group, group_models, group_seconds, _ = trained([0, 1, 2], "group")
     sequential = [trained([i], f"alone_{i}") for i in range(3)]
     diffs = [max_abs_diff(group_models[i], sequential[i][1][0]) for i in range(3)]
-    alone_steps = [int(np.asarray(trainer.states.step)[0]) for trainer, _, _ in sequential]
+    alone_steps = [int(np.asarray(trainer.states.step)[0]) for trainer, *_ in sequential]
     return {
         "max_model_diff": max(diffs),
         "mesh_shape": [int(size) for size in group.mesh.devices.shape],
@@ -194,10 +211,11 @@ def check_group_vs_sequential(config, workdir: Path) -> dict:
         "group_steps": [int(step) for step in np.asarray(group.states.step)],
         "alone_steps": alone_steps,
         "group_step_compilations": group.step_fn._cache_size(),
-        "alone_step_compilations": [trainer.step_fn._cache_size() for trainer, _, _ in sequential],
-        "alone_shares_one_step": len({id(trainer.step_fn) for trainer, _, _ in sequential}) == 1,
+        "alone_step_compilations": [trainer.step_fn._cache_size() for trainer, *_ in sequential],
+        "alone_shares_one_step": len({id(trainer.step_fn) for trainer, *_ in sequential}) == 1,
+        "alone_lowerings": [lowerings for *_, lowerings in sequential],
         "seconds_group": group_seconds,
-        "seconds_alone": [seconds for _, _, seconds in sequential],
+        "seconds_alone": [seconds for _, _, seconds, _ in sequential],
     }
 
 

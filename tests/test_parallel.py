@@ -92,6 +92,8 @@ def test_step_compiles_once_per_shape(eight_devices):
     assert group["group_step_compilations"] == 1
     assert group["alone_step_compilations"] == [1, 1, 1]
     assert group["alone_shares_one_step"]  # 3 groups of one split: one compiled step
+    # ... and after the first group nothing at all is lowered again (init, step, take, gathers)
+    assert group["alone_lowerings"][0] > 0 and group["alone_lowerings"][1:] == [0, 0]
     assert eight_devices["twenty_splits"]["step_compilations"] == 1
 
 
