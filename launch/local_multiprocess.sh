@@ -12,7 +12,7 @@
 # Environment:
 #   FCD_DEVICES_PER_PROCESS  CPU devices per process (default 1; appended to XLA_FLAGS)
 #   FCD_PORT                 coordinator port (default: a free one)
-#   FCD_LOG_DIR              where process_<i>.log go (default: ./multiprocess_logs)
+#   FCD_LOG_DIR              where process_<i>.log go (default: runs/multiprocess_logs)
 #   PYTHON                   the interpreter (default: python)
 set -euo pipefail
 
@@ -24,7 +24,7 @@ num_processes=$1
 shift
 python=${PYTHON:-python}
 devices=${FCD_DEVICES_PER_PROCESS:-1}
-log_dir=${FCD_LOG_DIR:-multiprocess_logs}
+log_dir=${FCD_LOG_DIR:-runs/multiprocess_logs}
 port=${FCD_PORT:-$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 mkdir -p "$log_dir"
 
