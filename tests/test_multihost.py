@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from scale_checks import FAST_COMPILE_XLA_FLAGS, tiny_flags
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +25,7 @@ def read_runs(workdir: Path) -> dict[str, dict]:
     return {run["name"]: run for run in runs}
 
 
+@pytest.mark.slow
 def test_two_processes_report_what_one_process_reports(tmp_path):
     flags = tiny_flags(splits=",".join(SPLITS), parallel_splits=3)
     env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_WAIT_POLICY="PASSIVE")

@@ -75,6 +75,7 @@ def test_main_process_keeps_one_device():
     assert jax.device_count() == 1
 
 
+@pytest.mark.slow
 def test_data_parallel_step_equals_one_device_step(eight_devices):
     checks = eight_devices["data_parallel"]
     assert checks["steps_taken"] == 3
@@ -85,6 +86,7 @@ def test_data_parallel_step_equals_one_device_step(eight_devices):
     assert checks["losses_one_device"][0] != checks["losses_one_device"][-1]  # it trained
 
 
+@pytest.mark.slow
 def test_step_compiles_once_per_shape(eight_devices):
     # chex.assert_max_traces(n=1) let 3 steps through and stopped a 4th with a wider batch.
     assert eight_devices["data_parallel"]["retrace_caught"]
@@ -97,6 +99,7 @@ def test_step_compiles_once_per_shape(eight_devices):
     assert eight_devices["twenty_splits"]["step_compilations"] == 1
 
 
+@pytest.mark.slow
 def test_three_splits_in_one_program_equal_three_runs(eight_devices):
     group = eight_devices["group_vs_sequential"]
     assert group["mesh_shape"] == [2, 4]
@@ -108,6 +111,7 @@ def test_three_splits_in_one_program_equal_three_runs(eight_devices):
     assert group["max_model_diff"] < ATOL
 
 
+@pytest.mark.slow
 def test_twenty_splits_on_eight_devices_pad_to_24_and_report_20(eight_devices):
     twenty = eight_devices["twenty_splits"]
     names = tfds_one_class.list_runs("cifar100")
