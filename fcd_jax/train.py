@@ -35,6 +35,7 @@ from fcd_jax.evaluate import evaluate_split, make_score_step
 from fcd_jax.input_pipeline import (
     list_splits,
     load_split,
+    prefetch,
     preprocess,
     steps_per_epoch,
     train_batches,
@@ -331,11 +332,15 @@ class GroupTrainer:
         teacher_params: dict,
         teacher_model: nn.Module,
         student_model: nn.Module,
+        group_size: int | None = None,
     ):
+        """``group_size``: the stack is sized for this many splits (a smaller last group is
+        padded to it, so it reuses the compiled programs of the full groups)."""
         self.config = config
         self.splits = splits
-        self.mesh = parallel.make_mesh(len(splits), config.data.batch_size, config.mesh_shape)
-        self.num_stacked = parallel.padded_num_splits(len(splits), self.mesh)
+        group_size = max(group_size or len(splits), len(splits))
+        self.mesh = parallel.make_mesh(group_size, config.data.batch_size, config.mesh_shape)
+        self.num_stacked = parallel.padded_num_splits(group_size, self.mesh)
         padding = self.num_stacked - len(splits)
         self.totals = np.asarray(
             [total_steps_for(config, len(split.train_images)) for split in splits] + [0] * padding,
@@ -382,15 +387,24 @@ class GroupTrainer:
         self.local_rows = (split_rows, rows)
         return streams
 
-    def next_batch(self, streams: dict[int, Iterator[np.ndarray]]) -> jax.Array:
+    def global_batches(self, start_step: int, stop_step: int) -> Iterator[jax.Array]:
+        """The global uint8 batches ``[S, B, h, w, c]`` of steps ``start_step..stop_step - 1``,
+        each process loading only its block; prefetched in a background thread so that the
+        device does not wait for the host."""
+        streams = self.batch_streams(start_step)
         split_rows, rows = self.local_rows
         image_shape = self.global_batch_shape()[2:]
-        local = np.zeros((split_rows.stop - split_rows.start, rows, *image_shape), np.uint8)
-        for index, stream in streams.items():
-            local[index - split_rows.start] = next(stream)
-        return parallel.global_array(
-            local, parallel.batch_sharding(self.mesh), self.global_batch_shape()
-        )
+
+        def produce():
+            for _ in range(start_step, stop_step):
+                local = np.zeros((split_rows.stop - split_rows.start, rows, *image_shape), np.uint8)
+                for index, stream in streams.items():
+                    local[index - split_rows.start] = next(stream)
+                yield parallel.global_array(
+                    local, parallel.batch_sharding(self.mesh), self.global_batch_shape()
+                )
+
+        return prefetch(produce(), size=2)
 
     def check_finite(self, losses: np.ndarray, step: int, active: np.ndarray) -> None:
         for split, loss, is_active in zip(self.splits, losses, active, strict=False):
@@ -408,27 +422,32 @@ class GroupTrainer:
                 )
 
     def train(self) -> None:
-        config = self.config
         self.states, restored = checkpoints.restore_latest(self.checkpoints, self.states)
         start = int(restored or 0)
         last = int(self.totals.max())
         if restored is not None:
             logging.info("resuming %s at step %d of %d", self.checkpoints.directory, start, last)
-        streams = self.batch_streams(start)
         names = ", ".join(split.name for split in self.splits)
-        images_per_step = len(self.splits) * config.data.batch_size
-        bar = tqdm(
+        with tqdm(
             total=last, initial=start, desc=f"train {names}"[:60], unit="step",
             disable=jax.process_index() != 0, dynamic_ncols=True,
-        )
+        ) as bar:
+            self.run_steps(start, last, bar)
+        self.checkpoints.wait_until_finished()
+        for writer in self.writers.values():
+            writer.flush()
+
+    def run_steps(self, start: int, last: int, bar: tqdm) -> None:
+        """Steps ``start`` to ``last``: log, check for NaN and save on the configured steps only
+        (the loop never waits for the device otherwise)."""
+        config = self.config
+        images_per_step = len(self.splits) * config.data.batch_size
         active_sharding = parallel.stacked_sharding(self.mesh)
         tick, tick_step = time.perf_counter(), start
-        for step in range(start, last):
+        for step, images in zip(range(start, last), self.global_batches(start, last), strict=True):
             active_np = step < self.totals
             active = jax.device_put(active_np, active_sharding)
-            self.states, metrics = self.step_fn(
-                self.states, self.teacher_params, self.next_batch(streams), active
-            )
+            self.states, metrics = self.step_fn(self.states, self.teacher_params, images, active)
             done = step + 1
             save = done % config.train.checkpoint_every == 0 or done == last
             if save or done % config.train.log_every == 0:
@@ -448,10 +467,6 @@ class GroupTrainer:
                             )
             if save:
                 self.checkpoints.save(done, args=ocp.args.StandardSave(self.states))
-        bar.close()
-        self.checkpoints.wait_until_finished()
-        for writer in self.writers.values():
-            writer.flush()
 
     def final_models(self) -> list[dict]:
         """Each split's trained ``{"params", "anchor"}``, replicated over the mesh."""
@@ -523,7 +538,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         splits = [load_split(config.data, name) for name in group]
         trainer = GroupTrainer(
             config, workdir, splits, [names.index(name) for name in group],
-            teacher_params, teacher_model, student_model,
+            teacher_params, teacher_model, student_model, group_size,
         )
         trainer.train()
         for split, model in zip(splits, trainer.final_models(), strict=True):
