@@ -7,24 +7,15 @@ import json
 import os
 from pathlib import Path
 
-import jax
 import ml_collections
 from absl import logging
 
-from fcd_jax import checkpoints, parallel, reports
+from fcd_jax import reports
 from fcd_jax.datasets.folders import IMAGE_SUFFIXES, list_image_files, load_images
 from fcd_jax.datasets.split import ArraySource
 from fcd_jax.errors import DataError, FcdError
-from fcd_jax.evaluate import make_score_step, score_source
-from fcd_jax.teacher import load_teacher
-from fcd_jax.train import (
-    build_models,
-    prepare_teacher_params,
-    read_finished,
-    run_dir,
-    select_splits,
-    split_keys,
-)
+from fcd_jax.evaluate import score_source
+from fcd_jax.train import SavedRunScorer, read_finished, select_splits
 
 
 def expand_inputs(inputs: str) -> list[Path]:
@@ -70,17 +61,12 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
     )
     if skipped:
         logging.warning("skipped %d unreadable image(s): %s", len(skipped), ", ".join(skipped))
-    teacher_key, _ = split_keys(config.seed)
-    teacher_params, teacher_is_random = load_teacher(config, workdir, teacher_key)
-    teacher_model, student_model = build_models(config)
-    mesh = parallel.data_mesh()
-    teacher_params = jax.device_put(
-        prepare_teacher_params(teacher_params, config.method), parallel.replicated(mesh)
-    )
-    model = checkpoints.load_tree(os.path.join(run_dir(workdir, name), "model"))
+    scorer = SavedRunScorer.create(config, workdir)
+    teacher_is_random = scorer.teacher_is_random
+    model = scorer.load_model(workdir, name)
     scored = score_source(
-        make_score_step(config, teacher_model, student_model), teacher_params, model["params"],
-        model["anchor"], ArraySource(images), mesh, config.data.eval_batch_size, keep_maps=None,
+        scorer.score_step, scorer.teacher_params, model["params"], model["anchor"],
+        ArraySource(images), scorer.mesh, config.data.eval_batch_size, keep_maps=None,
     )
     output_dir = config.predict.output_dir or os.path.join(workdir, "predict")
     csv_path = reports.write_predictions(

@@ -8,6 +8,7 @@ what the optimiser sees. Many splits train at once by stacking states on a leadi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -649,26 +650,45 @@ def auto_parallel_splits(config: ml_collections.ConfigDict, num_splits: int) -> 
     return group
 
 
+@dataclasses.dataclass
+class SavedRunScorer:
+    """What scoring saved runs needs: the teacher on every device and the jitted score step."""
+
+    teacher_params: dict
+    teacher_is_random: bool
+    score_step: Callable
+    mesh: jax.sharding.Mesh
+
+    @classmethod
+    def create(cls, config: ml_collections.ConfigDict, workdir: str) -> SavedRunScorer:
+        teacher_key, _ = split_keys(config.seed)
+        teacher_params, teacher_is_random = load_teacher(config, workdir, teacher_key)
+        teacher_model, student_model = build_models(config)
+        mesh = parallel.data_mesh()
+        teacher_params = jax.device_put(
+            prepare_teacher_params(teacher_params, config.method), parallel.replicated(mesh)
+        )
+        score_step = make_score_step(config, teacher_model, student_model)
+        return cls(teacher_params, teacher_is_random, score_step, mesh)
+
+    def load_model(self, workdir: str, name: str) -> dict:
+        """The trained ``{"params", "anchor"}`` of run ``name``."""
+        return checkpoints.load_tree(os.path.join(run_dir(workdir, name), "model"))
+
+
 def evaluate_saved(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """``--mode=eval``: scores every trained run of ``workdir`` again and rewrites the reports."""
     names = [name for name in select_splits(config) if read_finished(workdir, name) is not None]
     if not names:
         raise FcdError(f"no trained run in {workdir}: train first (--mode=train_and_eval)")
-    teacher_key, _ = split_keys(config.seed)
-    teacher_params, teacher_is_random = load_teacher(config, workdir, teacher_key)
-    teacher_model, student_model = build_models(config)
-    mesh = parallel.data_mesh()
-    teacher_params = jax.device_put(
-        prepare_teacher_params(teacher_params, config.method), parallel.replicated(mesh)
-    )
-    score_step = make_score_step(config, teacher_model, student_model)
+    scorer = SavedRunScorer.create(config, workdir)
+    teacher_params, score_step, mesh = scorer.teacher_params, scorer.score_step, scorer.mesh
+    teacher_is_random = scorer.teacher_is_random
     runs = []
     for name in names:
-        directory = run_dir(workdir, name)
-        model = checkpoints.load_tree(os.path.join(directory, "model"))
         summary = evaluate_split(
-            config, load_split(config.data, name), model, teacher_params, score_step, mesh,
-            directory,
+            config, load_split(config.data, name), scorer.load_model(workdir, name),
+            teacher_params, score_step, mesh, run_dir(workdir, name),
         )
         if jax.process_index() == 0:
             write_finished(workdir, summary)
