@@ -43,6 +43,7 @@ from fcd_jax.losses import gram_pairs  # noqa: E402
 from fcd_jax.models.vit import parse_variant  # noqa: E402
 
 PAPER_DEPTH = 12  # groupc {3, 6, 9, 11} is given for ViT-B's 12 blocks
+CPU_REFERENCE = "jax_cpu_f32"  # fcd-jax in float32 on the host CPU, the reference of a GPU run
 
 
 # ---------------------------------------------------------------- configuration
@@ -230,11 +231,17 @@ class Implementation:
 
 class JaxFcd:
     """fcd-jax's own train step (``train.make_train_step``) and score step
-    (``evaluate.make_score_step``, scores only: the anomaly map is pruned by jit)."""
+    (``evaluate.make_score_step``, scores only: the anomaly map is pruned by jit), on ``device``
+    (default: JAX's default device)."""
 
     def __init__(self, config: ml_collections.ConfigDict, teacher_params: dict,
-                 student_params: dict, images: np.ndarray, score_images: np.ndarray):
-        self.config = config
+                 student_params: dict, images: np.ndarray, score_images: np.ndarray,
+                 device: jax.Device | None = None):
+        with jax.default_device(device or jax.devices()[0]):
+            self._build(config, teacher_params, student_params, images, score_images)
+
+    def _build(self, config: ml_collections.ConfigDict, teacher_params: dict,
+               student_params: dict, images: np.ndarray, score_images: np.ndarray) -> None:
         teacher_model, student_model = train.build_models(config)
         # jnp.array copies: the host arrays are shared by every contestant, the state is donated.
         self.teacher_params = jax.tree.map(
@@ -272,11 +279,13 @@ class JaxFcd:
 
 def jax_implementation(name: str, config: ml_collections.ConfigDict, teacher_params: dict,
                        student_params: dict, images: np.ndarray, score_images: np.ndarray,
-                       memory: HostMemory) -> Implementation:
+                       memory: HostMemory, device: jax.Device | None = None) -> Implementation:
     memory.reset()
-    fcd = JaxFcd(config, teacher_params, student_params, images, score_images)
+    device = device or jax.devices()[0]
+    fcd = JaxFcd(config, teacher_params, student_params, images, score_images, device)
     impl = Implementation(
-        name, fcd.train_step, fcd.score, to_input=jax.device_put, block=fcd.block,
+        name, fcd.train_step, fcd.score, block=fcd.block,
+        to_input=lambda images: jax.device_put(images, device),
         compile_seconds=fcd.compile_seconds, flops=train_step_flops(config),
     )
     impl.host_peak_bytes = memory.peak_increase()
@@ -331,10 +340,16 @@ def check_agreement(name: str, what: str, values: list[np.ndarray], references: 
     return error
 
 
+def median_or_nan(values: list[float]) -> float:
+    """The median, or NaN when nothing was timed (``--steps=0`` or ``--score_steps=0``)."""
+    return statistics.median(values) if values else float("nan")
+
+
 def timed_rounds(impls: list[Implementation], run: Callable[[Implementation, Any], Any],
-                 inputs: dict[str, Any], steps: int
+                 inputs: dict[str, Any], steps: int, after_round: Callable[[], Any] = lambda: None
                  ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """``steps`` rounds, each timing one blocking call of every implementation in turn.
+    """``steps`` rounds, each timing one blocking call of every implementation in turn, then
+    calling ``after_round`` (which re-measures the matmul peak in the same conditions).
 
     Returns wall-clock and process CPU seconds per call; on a shared machine the CPU seconds (all
     threads together) are the steadier measure of work, the wall-clock the one that counts.
@@ -348,14 +363,17 @@ def timed_rounds(impls: list[Implementation], run: Callable[[Implementation, Any
             impl.block()
             wall[impl.name].append(time.perf_counter() - start)
             cpu[impl.name].append(time.process_time() - start_cpu)
+        after_round()
     return wall, cpu
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Builds, checks and times every implementation; returns everything measured."""
-    import torch
+    uses_torch = bool({"torch", "torch_compile"} & set(args.impls)) or args.reference == "torch"
+    if uses_torch:
+        import torch
 
-    torch.set_num_threads(args.torch_threads or os.cpu_count() or 1)
+        torch.set_num_threads(args.torch_threads or os.cpu_count() or 1)
     config = bench_config(args.variant, args.image_size, args.batch, args.dtype, args.override)
     arch = architecture(config)
     result: dict[str, Any] = dict(
@@ -364,7 +382,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                      cpu_count=os.cpu_count(), load_average=os.getloadavg()),
         environment={name: os.environ.get(name, "") for name in
                      ("GLIBC_TUNABLES", "OMP_WAIT_POLICY", "XLA_FLAGS", "OMP_NUM_THREADS")},
-        versions=dict(python=sys.version.split()[0], jax=jax.__version__, torch=torch.__version__,
+        versions=dict(python=sys.version.split()[0], jax=jax.__version__,
+                      torch=torch.__version__ if uses_torch else None,
                       backend=jax.default_backend(), device=str(jax.devices()[0])),
     )
     print(f"fcd-jax benchmark: ViT-{config.model.variant} {arch}, image {args.image_size}, "
@@ -373,11 +392,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
           f"load {os.getloadavg()[0]:.2f})")
 
     peak = {"jax": jax_matmul_peak(args.peak_size, args.dtype)}
-    if "torch" in args.impls or "torch_compile" in args.impls:
+    if uses_torch:
         peak["torch"] = torch_matmul_peak(args.peak_size)
     result["matmul_peak_flops"] = peak
     print("matmul peak, " + ", ".join(f"{k}: {v / 1e9:.1f} GFLOP/s" for k, v in peak.items())
-          + f" ({args.peak_size}^3 {args.dtype} for jax, float32 for torch)")
+          + f" (best {args.peak_size}^3 matmul: {args.dtype} for jax, float32 for torch)")
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.batch, args.image_size, args.image_size, 3), np.uint8)
@@ -402,9 +421,15 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         )
         impls.append(jax_implementation(f"jax[{override}]", variant_config, teacher_params,
                                         student_params, images, score_images, memory))
+    if args.reference == CPU_REFERENCE:
+        cpu_config = bench_config(args.variant, args.image_size, args.batch, "float32",
+                                  args.override)
+        impls.append(jax_implementation(CPU_REFERENCE, cpu_config, teacher_params,
+                                        student_params, images, score_images, memory,
+                                        jax.devices("cpu")[0]))
     torch_modes = {"torch": None, "torch_compile": args.torch_compile_mode}
     for name in ("torch", "torch_compile"):
-        if name in args.impls:
+        if name in args.impls or name == args.reference:
             memory.reset()
             impls.append(torch_implementation(name, config, teacher_params, student_params,
                                               torch_modes[name]))
@@ -425,9 +450,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         impl.host_peak_bytes = max(impl.host_peak_bytes, memory.peak_increase())
         if impl.name == "torch_compile":  # compiles in its first calls: report warm-up + compile
             impl.compile_seconds["first calls"] = time.perf_counter() - start
-    reference = "torch" if "torch" in losses else impls[-1].name
+    reference = args.reference
     agreement = {}
-    for impl in impls:
+    for impl in impls if reference in losses else []:
         if impl.name != reference:
             rtol = args.rtol if args.dtype == "float32" else args.low_precision_rtol
             agreement[impl.name] = {
@@ -437,25 +462,33 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     result["agreement"] = dict(reference=reference, relative_errors=agreement,
                                losses={k: [float(x) for x in v] for k, v in losses.items()})
 
+    impls = [impl for impl in impls if impl.name in args.impls or impl.name.startswith("jax[")]
     print(f"timing: {args.steps} interleaved rounds of train steps, then of score steps")
+    def remeasure_peak() -> None:  # the best of the run: a shared machine drifts by 2x
+        peak["jax"] = max(peak["jax"], jax_matmul_peak(args.peak_size, args.dtype, repeats=2))
+        if "torch" in peak:
+            peak["torch"] = max(peak["torch"], torch_matmul_peak(args.peak_size, repeats=2))
+
     train_seconds, train_cpu = timed_rounds(
-        impls, lambda impl, x: impl.train_step(x), inputs, args.steps
+        impls, lambda impl, x: impl.train_step(x), inputs, args.steps, remeasure_peak
     )
     score_seconds, score_cpu = timed_rounds(
-        impls, lambda impl, x: impl.score(x), score_inputs, args.score_steps
+        impls, lambda impl, x: impl.score(x), score_inputs, args.score_steps, remeasure_peak
     )
+    print("matmul peak, best of the run: "
+          + ", ".join(f"{k}: {v / 1e9:.1f} GFLOP/s" for k, v in peak.items()))
     score_flops = score_step_flops(config, args.score_batch)
     rows = {}
     for impl in impls:
-        train_median = statistics.median(train_seconds[impl.name])
-        score_median = statistics.median(score_seconds[impl.name])
+        train_median = median_or_nan(train_seconds[impl.name])
+        score_median = median_or_nan(score_seconds[impl.name])
         rows[impl.name] = dict(
             train_images_per_s=args.batch / train_median,
             train_step_s=train_median,
             train_step_s_all=train_seconds[impl.name],
-            train_cpu_s=statistics.median(train_cpu[impl.name]),
+            train_cpu_s=median_or_nan(train_cpu[impl.name]),
             train_cpu_s_all=train_cpu[impl.name],
-            score_cpu_s=statistics.median(score_cpu[impl.name]),
+            score_cpu_s=median_or_nan(score_cpu[impl.name]),
             train_gflop_per_s=impl.flops / train_median / 1e9,
             train_utilisation=impl.flops / train_median / peak["jax"],
             score_images_per_s=args.score_batch / score_median,
@@ -526,6 +559,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     parser.add_argument("--torch_threads", type=int, default=0, help="0 = one per CPU")
     parser.add_argument("--peak_size", type=int, default=2048, help="side of the peak matmul")
+    parser.add_argument("--reference", default="torch", choices=["torch", CPU_REFERENCE, "none"],
+                        help="what the losses and scores are checked against (not timed unless "
+                             "also in --impls); jax_cpu_f32: fcd-jax in float32 on the CPU")
     parser.add_argument("--rtol", type=float, default=1e-3)
     parser.add_argument("--low_precision_rtol", type=float, default=3e-2,
                         help="agreement tolerance when --dtype is not float32")
