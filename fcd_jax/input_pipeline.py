@@ -11,6 +11,7 @@ host reads only its share; ``jax.make_array_from_process_local_data`` builds the
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 from collections.abc import Iterable, Iterator
@@ -84,8 +85,12 @@ def _process_rows(batch_size: int, process_index: int, process_count: int) -> sl
     return slice(process_index * local, (process_index + 1) * local)
 
 
+@functools.lru_cache(maxsize=4)
 def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(n)
+    """Epoch ``epoch``'s order; cached, since every step of the epoch reads it (read-only)."""
+    permutation = np.random.default_rng([seed, epoch]).permutation(n)
+    permutation.flags.writeable = False
+    return permutation
 
 
 def train_batch_indices(n_images: int, batch_size: int, seed: int, step: int) -> np.ndarray:
