@@ -13,9 +13,5 @@ from configs import default
 
 
 def get_config(arg: str | None = None):
-    config = default.base_config()
-    config.data.name = "cifar10"
-    config.data.batch_size = 32
-    config.optim.lr = 0.1
-    config.train.epochs = 20
+    config = default.dataset_config("cifar10", batch_size=32, lr=0.1, epochs=20)
     return default.apply_arg(config, arg)

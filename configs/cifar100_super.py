@@ -13,10 +13,6 @@ from configs import default
 
 
 def get_config(arg: str | None = None):
-    config = default.base_config()
-    config.data.name = "cifar100"
-    config.data.batch_size = 32
-    config.optim.lr = 0.1
-    config.train.epochs = 20
-    config.parallel_splits = "auto"
+    config = default.dataset_config("cifar100", batch_size=32, lr=0.1, epochs=20)
+    config.parallel_splits = "auto"  # all 20 at once where they fit
     return default.apply_arg(config, arg)

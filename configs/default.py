@@ -44,6 +44,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return apply_arg(base_config(), arg)
 
 
+def dataset_config(
+    dataset: str, *, batch_size: int, lr: float, epochs: int
+) -> ml_collections.ConfigDict:
+    """``base_config`` with a dataset and its optimisation settings (paper section 4.1)."""
+    config = base_config()
+    config.data.name = dataset
+    config.data.batch_size = batch_size
+    config.optim.lr = lr
+    config.train.epochs = epochs
+    return config
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Every field, with the paper's settings; dataset configs override some, then ``apply_arg``."""
     config = ml_collections.ConfigDict()

@@ -12,9 +12,5 @@ from configs import default
 
 
 def get_config(arg: str | None = None):
-    config = default.base_config()
-    config.data.name = "fashion_mnist"
-    config.data.batch_size = 32
-    config.optim.lr = 0.1
-    config.train.epochs = 20
+    config = default.dataset_config("fashion_mnist", batch_size=32, lr=0.1, epochs=20)
     return default.apply_arg(config, arg)

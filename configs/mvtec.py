@@ -12,11 +12,7 @@ from configs import default
 
 
 def get_config(arg: str | None = None):
-    config = default.base_config()
-    config.data.name = "mvtec"
-    config.data.batch_size = 4
+    config = default.dataset_config("mvtec", batch_size=4, lr=0.2, epochs=100)
     config.data.eval_batch_size = 16
-    config.optim.lr = 0.2
-    config.train.epochs = 100
     config.train.checkpoint_every = 1000
     return default.apply_arg(config, arg)
