@@ -136,7 +136,6 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.steps = 0  # > 0 overrides epochs
     config.train.log_every = 50
     config.train.checkpoint_every = 500
-    config.train.cache_teacher_features = False
 
     config.eval = ml_collections.ConfigDict()
     config.eval.threshold_quantile = 0.99  # of held-out normal scores
