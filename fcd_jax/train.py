@@ -255,8 +255,9 @@ def init_stacked_states(
     split_indices: np.ndarray,
     total_steps: np.ndarray,
     mesh: jax.sharding.Mesh,
-) -> tuple[TrainState, Any]:
-    """One fresh student per split, stacked and created directly with its sharding.
+) -> TrainState:
+    """One fresh student per split, stacked and created directly with its sharding (every leaf
+    over ``split``: ``parallel.stacked_sharding``).
 
     Student ``i``'s weights depend only on the seed and its split index, so a split trains the
     same alone or in a group.
@@ -273,11 +274,10 @@ def init_stacked_states(
             jax.vmap(init, in_axes=(0, 0, None)), out_shardings=parallel.stacked_sharding(mesh)
         ),
     )
-    states = stacked_init(
+    return stacked_init(
         jnp.asarray(split_indices, jnp.int32), jnp.asarray(total_steps, jnp.int32),
         teacher_pos_embedding,
     )
-    return states, jax.tree.map(lambda _: parallel.stacked_sharding(mesh), states)
 
 
 def select_splits(config: ml_collections.ConfigDict) -> list[str]:
@@ -349,7 +349,7 @@ class GroupTrainer:
         )
         indices = np.asarray(list(split_indices) + [split_indices[0]] * padding, np.int32)
         self.teacher_params = jax.device_put(teacher_params, parallel.replicated(self.mesh))
-        self.states, self.state_shardings = init_stacked_states(
+        self.states = init_stacked_states(
             config, self.teacher_params["pos_embedding"], student_model, indices, self.totals,
             self.mesh,
         )

@@ -127,7 +127,7 @@ def check_data_parallel(config) -> dict:
     out = {}
     for name, devices in (("one_device", jax.devices()[:1]), ("eight_devices", jax.devices())):
         mesh = parallel.make_mesh(1, config.data.batch_size, (1, len(devices)), devices)
-        states, shardings = train.init_stacked_states(
+        states = train.init_stacked_states(
             config, teacher_params["pos_embedding"], student_model, np.array([0]),
             np.array([10]), mesh,
         )
@@ -138,7 +138,7 @@ def check_data_parallel(config) -> dict:
         def step(*args, stacked_step=stacked_step):  # chex wraps no vmapped function itself
             return stacked_step(*args)
 
-        step_fn = parallel.jit_stacked_step(step, mesh, shardings)
+        step_fn = parallel.jit_stacked_step(step, mesh, parallel.stacked_sharding(mesh))
         teacher = jax.device_put(teacher_params, parallel.replicated(mesh))
         active = jax.device_put(np.ones(1, bool), parallel.stacked_sharding(mesh))
         losses = []
