@@ -136,6 +136,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.steps = 0  # > 0 overrides epochs
     config.train.log_every = 50
     config.train.checkpoint_every = 500
+    # The teacher's features of every training image computed once and kept on the devices, so
+    # the step skips the teacher forward: "auto" (when they take <= 10% of a device's memory and
+    # the images are seen more than once: MVTec, small folders), "on" or "off". Same numbers.
+    config.train.teacher_cache = "auto"
 
     config.eval = ml_collections.ConfigDict()
     config.eval.threshold_quantile = 0.99  # of held-out normal scores

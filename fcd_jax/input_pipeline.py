@@ -118,8 +118,10 @@ def train_batches(
     start_step: int = 0,
     process_index: int = 0,
     process_count: int = 1,
-) -> Iterator[np.ndarray]:
-    """Endless training batches from ``start_step`` on: this process's rows, uint8 ``[b, h, w, c]``.
+    with_indices: bool = False,
+) -> Iterator[np.ndarray] | Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Endless training batches from ``start_step`` on: this process's rows, uint8 ``[b, h, w, c]``
+    (with ``with_indices``: ``(images, their int32 indices into source)``).
 
     Step s is a pure function of (seed, s), so resuming at ``start_step`` repeats the very batches
     of an uninterrupted run.
@@ -128,7 +130,8 @@ def train_batches(
     step = start_step
     while True:
         indices = train_batch_indices(len(source), batch_size, seed, step)[rows]
-        yield source.get_batch(indices)
+        images = source.get_batch(indices)
+        yield (images, indices.astype(np.int32)) if with_indices else images
         step += 1
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from fcd_jax.errors import FcdError
 
@@ -150,6 +151,27 @@ def gram_loss(
     if form == "default":
         per_pair = per_pair / width
     return jnp.mean(jnp.sum(per_pair, axis=0))
+
+
+def loss_blocks(method_config: Any) -> tuple[int, ...]:
+    """Every block a loss reads (groupc, anchor layers, Gram pairs), ascending."""
+    used = {*method_config.layers, *method_config.anchor_layers}
+    used.update(block for pair in gram_pairs(method_config) for block in pair)
+    return tuple(sorted(int(block) for block in used))
+
+
+def on_loss_blocks(method_config: Any) -> Any:
+    """``method_config`` with its block indices renumbered to positions in
+    :func:`loss_blocks`, for block stacks that hold only those blocks (``blocks[loss_blocks]``,
+    e.g. cached teacher features): the losses then give the very same values."""
+    position = {block: index for index, block in enumerate(loss_blocks(method_config))}
+    renumber = lambda blocks: tuple(position[int(block)] for block in blocks)
+    return ml_collections.ConfigDict(dict(
+        method_config,
+        layers=renumber(method_config.layers),
+        anchor_layers=renumber(method_config.anchor_layers),
+        gram_pairs=tuple(renumber(pair) for pair in gram_pairs(method_config)),
+    ))
 
 
 def _checked_anchor(anchor: jax.Array, cls: jax.Array) -> jax.Array:

@@ -148,13 +148,17 @@ def global_array(local_data: np.ndarray, sharding: NamedSharding, global_shape: 
 
 
 def jit_stacked_step(
-    step: Callable, mesh: Mesh, state_shardings: Any
+    step: Callable, mesh: Mesh, state_shardings: Any, teacher_sharding: Any = None
 ) -> Callable:
-    """``jax.jit`` of a vmapped train step with explicit shardings and the states donated."""
+    """``jax.jit`` of a vmapped train step with explicit shardings and the states donated.
+
+    The teacher's parameters are replicated; a teacher cache (``teacher_sharding``) is stacked.
+    """
     return jax.jit(
         step,
         in_shardings=(
-            state_shardings, replicated(mesh), batch_sharding(mesh), stacked_sharding(mesh)
+            state_shardings, teacher_sharding or replicated(mesh), batch_sharding(mesh),
+            stacked_sharding(mesh),
         ),
         out_shardings=(state_shardings, stacked_sharding(mesh)),
         donate_argnums=0,

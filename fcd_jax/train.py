@@ -41,7 +41,7 @@ from fcd_jax.input_pipeline import (
     steps_per_epoch,
     train_batches,
 )
-from fcd_jax.losses import fcd_loss, update_anchor
+from fcd_jax.losses import fcd_loss, loss_blocks, on_loss_blocks, update_anchor
 from fcd_jax.models import build_vit, init_params, truncate_params
 from fcd_jax.teacher import load_teacher
 
@@ -162,31 +162,43 @@ def prepare_teacher_params(teacher_params: dict, method_config: ml_collections.C
     return truncate_params(teacher_params, teacher_depth(method_config))
 
 
-def train_step(
-    state: TrainState,
+def teacher_features(
     teacher_params: dict,
     images: jax.Array,
     *,
     config: ml_collections.ConfigDict,
     teacher_model: nn.Module,
+) -> jax.Array:
+    """The teacher's outputs at the blocks the losses read (``losses.loss_blocks``), without
+    gradient: ``[num_loss_blocks, batch, tokens, width]`` from uint8 images."""
+    images = preprocess(images, config.data.image_size, config.data.mean, config.data.std)
+    blocks = teacher_model.apply({"params": teacher_params}, images.astype(teacher_model.dtype))
+    return jax.lax.stop_gradient(blocks["blocks"][np.asarray(loss_blocks(config.method))])
+
+
+def distill_step(
+    state: TrainState,
+    teacher_blocks: jax.Array,
+    images: jax.Array,
+    *,
+    config: ml_collections.ConfigDict,
     student_model: nn.Module,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One FCD step for one split: uint8 images in, updated state and float32 metrics out.
+    """One FCD step for one split, given the teacher's ``teacher_features`` of ``images``
+    (computed in the step, or read from the teacher cache): updated state and float32 metrics.
 
     The anchor is updated from this batch's teacher cls tokens before the loss uses it
     (METHOD.md "Losses" 2); the loss is eq. 6; gradients reach only the student.
     """
     images = preprocess(images, config.data.image_size, config.data.mean, config.data.std)
-    teacher_images = images.astype(teacher_model.dtype)
-    teacher_blocks = jax.lax.stop_gradient(
-        teacher_model.apply({"params": teacher_params}, teacher_images)["blocks"]
-    )
-    teacher_cls = teacher_blocks[np.asarray(config.method.anchor_layers), :, 0, :]
-    anchor, num_seen = update_anchor(state.anchor, state.num_seen, teacher_cls, config.method)
+    method = on_loss_blocks(config.method)  # block indices into teacher_blocks
+    teacher_cls = teacher_blocks[np.asarray(method.anchor_layers), :, 0, :]
+    anchor, num_seen = update_anchor(state.anchor, state.num_seen, teacher_cls, method)
+    student_blocks_read = np.asarray(loss_blocks(config.method))
 
     def loss_fn(params):
         student_blocks = student_model.apply({"params": params}, images)["blocks"]
-        return fcd_loss(teacher_blocks, student_blocks, anchor, config.method)
+        return fcd_loss(teacher_blocks, student_blocks[student_blocks_read], anchor, method)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     tx = make_optimizer(config, state.params)
@@ -200,25 +212,54 @@ def train_step(
     return new_state, metrics
 
 
+def train_step(
+    state: TrainState,
+    teacher_params: dict,
+    images: jax.Array,
+    *,
+    config: ml_collections.ConfigDict,
+    teacher_model: nn.Module,
+    student_model: nn.Module,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One FCD step for one split: uint8 images in, updated state and float32 metrics out
+    (the teacher forward, then ``distill_step``)."""
+    teacher_blocks = teacher_features(
+        teacher_params, images, config=config, teacher_model=teacher_model
+    )
+    return distill_step(state, teacher_blocks, images, config=config, student_model=student_model)
+
+
 def make_stacked_train_step(
-    config: ml_collections.ConfigDict, teacher_model: nn.Module, student_model: nn.Module
-) -> Callable[[TrainState, dict, jax.Array, jax.Array], tuple[TrainState, dict]]:
+    config: ml_collections.ConfigDict,
+    teacher_model: nn.Module,
+    student_model: nn.Module,
+    cached_teacher: bool = False,
+) -> Callable[[TrainState, Any, Any, jax.Array], tuple[TrainState, dict]]:
     """``train_step`` vmapped over a leading split axis, not yet jitted (see ``fcd_jax.parallel``).
 
     ``step(states, teacher_params, images [S, B, h, w, c], active bool [S])``: a split that is not
     ``active`` (finished, or padding) keeps its state unchanged, so splits of different lengths
-    train in one program exactly as they would alone.
+    train in one program exactly as they would alone. With ``cached_teacher`` the teacher's
+    features are read, not computed: ``step(states, teacher_cache [S, N, L, T, D] (see
+    ``GroupTrainer.teacher_cache``), (images, indices [S, B] into the cache), active)``.
     """
 
-    def one_split(state, teacher_params, images, active):
-        new_state, metrics = train_step(
-            state, teacher_params, images,
-            config=config, teacher_model=teacher_model, student_model=student_model,
+    def one_split(state, teacher, batch, active):
+        if cached_teacher:
+            images, indices = batch
+            teacher_blocks = jnp.swapaxes(teacher[indices], 0, 1)  # [L, B, tokens, width]
+        else:
+            images = batch
+            teacher_blocks = teacher_features(
+                teacher, images, config=config, teacher_model=teacher_model
+            )
+        new_state, metrics = distill_step(
+            state, teacher_blocks, images, config=config, student_model=student_model
         )
         new_state = jax.tree.map(lambda new, old: jnp.where(active, new, old), new_state, state)
         return new_state, metrics
 
-    return jax.vmap(one_split, in_axes=(0, None, 0, 0))
+    return jax.vmap(one_split, in_axes=(0, 0 if cached_teacher else None, 0, 0))
 
 
 def make_train_step(
@@ -312,15 +353,17 @@ class GroupTrainer:
     @staticmethod
     def stacked_step(
         config: ml_collections.ConfigDict, teacher_model: nn.Module, student_model: nn.Module,
-        mesh: jax.sharding.Mesh,
+        mesh: jax.sharding.Mesh, cached_teacher: bool = False,
     ) -> Callable:
         """The jitted stacked step, one per (config, models, mesh): groups of one size trained
         one after another (``parallel_splits=N``) compile it once, not once per group."""
+        stacked = parallel.stacked_sharding(mesh)
         return parallel.jit_once(
-            ("step", ml_collections.FrozenConfigDict(config), teacher_model, student_model, mesh),
+            ("step", ml_collections.FrozenConfigDict(config), teacher_model, student_model, mesh,
+             cached_teacher),
             lambda: parallel.jit_stacked_step(
-                make_stacked_train_step(config, teacher_model, student_model),
-                mesh, parallel.stacked_sharding(mesh),
+                make_stacked_train_step(config, teacher_model, student_model, cached_teacher),
+                mesh, stacked, teacher_sharding=stacked if cached_teacher else None,
             ),
         )
 
@@ -353,7 +396,11 @@ class GroupTrainer:
             config, self.teacher_params["pos_embedding"], student_model, indices, self.totals,
             self.mesh,
         )
-        self.step_fn = self.stacked_step(config, teacher_model, student_model, self.mesh)
+        self.teacher_model = teacher_model
+        self.cached_teacher = self.use_teacher_cache()
+        self.step_fn = self.stacked_step(
+            config, teacher_model, student_model, self.mesh, self.cached_teacher
+        )
         group_name = "+".join(split.name for split in splits)
         if len(group_name) > 80:
             group_name = f"{splits[0].name}+{len(splits) - 1}_more"
@@ -365,6 +412,97 @@ class GroupTrainer:
              for split in splits}
             if jax.process_index() == 0 else {}
         )
+
+    def teacher_cache_bytes(self) -> int:
+        """Device memory per device of ``teacher_cache``."""
+        num_blocks = len(loss_blocks(self.config.method))
+        tokens = 1 + (self.config.data.image_size // self.teacher_model.patch_size) ** 2
+        per_image = num_blocks * tokens * self.teacher_model.width
+        per_image *= jnp.dtype(self.teacher_model.dtype).itemsize
+        splits_per_device = self.num_stacked // self.mesh.shape[parallel.SPLIT]
+        return splits_per_device * self.cache_length() * per_image
+
+    def cache_length(self) -> int:
+        """Images per split in the teacher cache: the largest training set, in whole batches."""
+        batch = self.config.data.batch_size
+        return -(-max(len(split.train_images) for split in self.splits) // batch) * batch
+
+    def use_teacher_cache(self) -> bool:
+        """``train.teacher_cache``: "on", "off", or "auto" = when the cache takes at most 10% of
+        a device's memory and the group sees its training images more than once."""
+        setting = str(self.config.train.teacher_cache)
+        if setting not in ("auto", "on", "off"):
+            raise FcdError(
+                f"train.teacher_cache={setting!r}: use 'auto', 'on' or 'off'"
+            )
+        if setting != "auto":
+            return setting == "on"
+        images_seen = int(self.totals.max()) * self.config.data.batch_size
+        fits = self.teacher_cache_bytes() <= 0.1 * device_memory_bytes()
+        use = fits and images_seen > max(len(split.train_images) for split in self.splits)
+        logging.info(
+            "teacher cache %s: %.2f GiB per device", "on" if use else "off",
+            self.teacher_cache_bytes() / 2**30,
+        )
+        return use
+
+    def teacher_cache(self) -> jax.Array:
+        """The teacher's features (``teacher_features``) of every training image of every split
+        of the group, on the devices of its split: ``[S, N, L, tokens, width]``, N =
+        ``cache_length()``, image ``i`` of split ``s`` at ``[s, i]``.
+
+        The teacher is frozen and the step has no augmentation, so these are what the step would
+        compute; the step then reads them instead of running the teacher (1/4 of its FLOPs).
+        Computed once per group, batch by batch (also on resume: it is not checkpointed).
+        """
+        config, mesh = self.config, self.mesh
+        batch, length = config.data.batch_size, self.cache_length()
+        image_shape = self.global_batch_shape()[2:]
+        stacked, batched = parallel.stacked_sharding(mesh), parallel.batch_sharding(mesh)
+        features = functools.partial(
+            teacher_features, config=config, teacher_model=self.teacher_model
+        )
+        feature_shape = jax.eval_shape(
+            features, self.teacher_params, jax.ShapeDtypeStruct((1, *image_shape), jnp.uint8)
+        )
+        per_image = (feature_shape.shape[0], *feature_shape.shape[2:])
+
+        def fill_batch(cache, teacher_params, images, start):
+            new = jax.vmap(features, in_axes=(None, 0))(teacher_params, images)
+            return jax.lax.dynamic_update_slice_in_dim(cache, jnp.swapaxes(new, 1, 2), start, 1)
+
+        fill = parallel.jit_once(
+            ("cache", ml_collections.FrozenConfigDict(config), self.teacher_model, mesh),
+            lambda: jax.jit(
+                fill_batch, in_shardings=(stacked, parallel.replicated(mesh), batched, None),
+                out_shardings=stacked, donate_argnums=0,
+            ),
+        )
+        cache_shape = (self.num_stacked, length, *per_image)
+        zeros = parallel.jit_once(
+            ("cache_zeros", cache_shape, feature_shape.dtype, mesh),
+            lambda: jax.jit(lambda: jnp.zeros(cache_shape, feature_shape.dtype),
+                            out_shardings=stacked),
+        )
+        cache = zeros()
+        global_shape = (self.num_stacked, batch, *image_shape)
+        split_rows, batch_rows = parallel.local_block(batched, global_shape)
+        for start in tqdm(
+            range(0, length, batch), desc="teacher cache", unit="batch", leave=False,
+            disable=jax.process_index() != 0, dynamic_ncols=True,
+        ):
+            local = np.zeros(
+                (split_rows.stop - split_rows.start, batch_rows.stop - batch_rows.start,
+                 *image_shape), np.uint8,
+            )
+            for index in range(split_rows.start, min(split_rows.stop, len(self.splits))):
+                source = self.splits[index].train_images
+                wanted = np.arange(start + batch_rows.start, start + batch_rows.stop)
+                wanted = wanted[wanted < len(source)]
+                local[index - split_rows.start, : len(wanted)] = source.get_batch(wanted)
+            images = parallel.global_array(local, batched, global_shape)
+            cache = fill(cache, self.teacher_params, images, np.int32(start))
+        return cache
 
     def global_batch_shape(self) -> tuple[int, ...]:
         image_shape = self.splits[0].train_images.image_shape
@@ -384,26 +522,37 @@ class GroupTrainer:
                     seed=self.config.seed, start_step=start_step,
                     process_index=batch_rows.start // rows,
                     process_count=self.config.data.batch_size // rows,
+                    with_indices=self.cached_teacher,
                 )
         self.local_rows = (split_rows, rows)
         return streams
 
-    def global_batches(self, start_step: int, stop_step: int) -> Iterator[jax.Array]:
-        """The global uint8 batches ``[S, B, h, w, c]`` of steps ``start_step..stop_step - 1``,
-        each process loading only its block; prefetched in a background thread so that the
-        device does not wait for the host."""
+    def global_batches(self, start_step: int, stop_step: int) -> Iterator[Any]:
+        """The global uint8 batches ``[S, B, h, w, c]`` of steps ``start_step..stop_step - 1``
+        (with the teacher cache: ``(images, indices [S, B])``), each process loading only its
+        block; prefetched in a background thread so that the device does not wait for the host."""
         streams = self.batch_streams(start_step)
         split_rows, rows = self.local_rows
-        image_shape = self.global_batch_shape()[2:]
+        global_shape = self.global_batch_shape()
+        sharding = parallel.batch_sharding(self.mesh)
 
         def produce():
             for _ in range(start_step, stop_step):
-                local = np.zeros((split_rows.stop - split_rows.start, rows, *image_shape), np.uint8)
+                local = np.zeros((split_rows.stop - split_rows.start, rows, *global_shape[2:]),
+                                 np.uint8)
+                local_indices = np.zeros(local.shape[:2], np.int32)
                 for index, stream in streams.items():
-                    local[index - split_rows.start] = next(stream)
-                yield parallel.global_array(
-                    local, parallel.batch_sharding(self.mesh), self.global_batch_shape()
-                )
+                    if self.cached_teacher:
+                        local[index - split_rows.start], local_indices[index - split_rows.start] = (
+                            next(stream)
+                        )
+                    else:
+                        local[index - split_rows.start] = next(stream)
+                images = parallel.global_array(local, sharding, global_shape)
+                if self.cached_teacher:
+                    yield images, parallel.global_array(local_indices, sharding, global_shape[:2])
+                else:
+                    yield images
 
         return prefetch(produce(), size=2)
 
@@ -444,11 +593,14 @@ class GroupTrainer:
         config = self.config
         images_per_step = len(self.splits) * config.data.batch_size
         active_sharding = parallel.stacked_sharding(self.mesh)
+        teacher = (
+            self.teacher_cache() if self.cached_teacher and start < last else self.teacher_params
+        )
         tick, tick_step = time.perf_counter(), start
-        for step, images in zip(range(start, last), self.global_batches(start, last), strict=True):
+        for step, batch in zip(range(start, last), self.global_batches(start, last), strict=True):
             active_np = step < self.totals
             active = jax.device_put(active_np, active_sharding)
-            self.states, metrics = self.step_fn(self.states, self.teacher_params, images, active)
+            self.states, metrics = self.step_fn(self.states, teacher, batch, active)
             done = step + 1
             save = done % config.train.checkpoint_every == 0 or done == last
             if save or done % config.train.log_every == 0:

@@ -202,9 +202,13 @@ def check_group_vs_sequential(config, workdir: Path) -> dict:
     group, group_models, group_seconds, _ = trained([0, 1, 2], "group")
     sequential = [trained([i], f"alone_{i}") for i in range(3)]
     diffs = [max_abs_diff(group_models[i], sequential[i][1][0]) for i in range(3)]
+    config.train.teacher_cache = "on"  # the teacher's features read from the cache instead
+    cached, cached_models, *_ = trained([0, 1, 2], "group_cached")
     alone_steps = [int(np.asarray(trainer.states.step)[0]) for trainer, *_ in sequential]
     return {
         "max_model_diff": max(diffs),
+        "cached_teacher": [group.cached_teacher, cached.cached_teacher],
+        "max_cached_model_diff": max_abs_diff(group_models, cached_models),
         "mesh_shape": [int(size) for size in group.mesh.devices.shape],
         "num_stacked": group.num_stacked,
         "totals": [int(total) for total in group.totals],

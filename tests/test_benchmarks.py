@@ -41,10 +41,14 @@ def test_benchmark_runs_on_a_tiny_model_and_implementations_agree(capsys):
     result = bench.main([
         *TINY_ARGS, "--batch=2", "--score_batch=3", "--steps=2", "--score_steps=1",
         "--warmup=2", "--impls=jax,torch", "--peak_size=64",
+        "--jax_variant=train.teacher_cache=on",
     ])
-    errors = result["agreement"]["relative_errors"]["jax"]
     assert result["agreement"]["reference"] == "torch"
-    assert errors["loss"] < 1e-5 and errors["scores"] < 1e-5
+    for name in ("jax", "jax[train.teacher_cache=on]"):
+        errors = result["agreement"]["relative_errors"][name]
+        assert errors["loss"] < 1e-5 and errors["scores"] < 1e-5, name
+    cached = result["results"]["jax[train.teacher_cache=on]"]
+    assert cached["train_gflop"] < result["results"]["jax"]["train_gflop"]  # no teacher forward
     losses = result["agreement"]["losses"]
     assert len(losses["jax"]) == 2 and losses["jax"][0] > 0
     for name in ("jax", "torch"):

@@ -15,6 +15,7 @@ CASES = [
     (5, 3, 10, 6, (0, 2, 4), (2, 4), ()),  # several anchor layers
     (12, 2, 17, 16, (3, 6, 9, 11), (11,), ()),  # the paper's groupc
     (6, 2, 9, 12, (1, 3, 5), (5,), ((1, 5), (3, 3))),  # configured pairs
+    (7, 2, 6, 8, (1, 4), (2, 6), ((0, 4),)),  # anchor and pair blocks outside groupc
 ]
 
 
@@ -144,6 +145,25 @@ def test_fcd_loss_terms_match_numpy(case, distill_form, gram_form):
     assert all(value.dtype == jnp.float32 and value.shape == () for value in metrics.values())
     if len(layers) == 1 and not pairs:
         assert float(metrics["gram"]) == 0.0
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_losses_on_only_the_blocks_they_read_are_the_same(case):
+    """``on_loss_blocks``: the stacks cut to ``loss_blocks`` (as the teacher cache holds them)
+    give the same loss as the full stacks."""
+    num_layers, batch, tokens, width, layers, anchor_layers, pairs = case
+    teacher, student, anchor_base = random_blocks(9, num_layers, batch, tokens, width)
+    anchor = anchor_base[list(anchor_layers)]
+    config = method_config(layers, anchor_layers, pairs, lam=0.7)
+    read = losses.loss_blocks(config)
+    assert read == tuple(sorted({*layers, *anchor_layers, *(c for p in pairs for c in p)}))
+    compact = losses.on_loss_blocks(config)
+    assert max(compact.layers + compact.anchor_layers) == len(read) - 1
+    full_loss, full = losses.fcd_loss(teacher, student, anchor, config)
+    cut_loss, cut = losses.fcd_loss(teacher[list(read)], student[list(read)], anchor, compact)
+    np.testing.assert_allclose(cut_loss, full_loss, rtol=1e-6)
+    for term in ("distill", "gram", "anchor"):
+        np.testing.assert_allclose(cut[term], full[term], rtol=1e-6, atol=1e-8)
 
 
 def test_fcd_loss_computes_bf16_inputs_in_float32():

@@ -109,6 +109,10 @@ def test_three_splits_in_one_program_equal_three_runs(eight_devices):
     assert totals[3] == 0 and group["group_steps"] == totals  # padding never steps
     assert group["alone_steps"] == totals[:3]
     assert group["max_model_diff"] < ATOL
+    # One epoch: "auto" computes the teacher in the step; "on" reads the teacher cache, whose
+    # batches are sharded over the data axis (4 devices) while it is filled.
+    assert group["cached_teacher"] == [False, True]
+    assert group["max_cached_model_diff"] < ATOL
 
 
 @pytest.mark.slow

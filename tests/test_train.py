@@ -1,5 +1,7 @@
 """The train state and the jit-compiled FCD train step (METHOD.md "Losses", eqs. 1-6)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -166,3 +168,45 @@ def test_bfloat16_compute_keeps_float32_params_anchor_and_loss(digits_zero, defa
     assert {leaf.dtype for leaf in jax.tree.leaves(state_bf16.params)} == {jnp.dtype("float32")}
     assert float(metrics_bf16["loss"]) == pytest.approx(float(metrics_f32["loss"]), rel=0.05)
     np.testing.assert_allclose(state_bf16.anchor, state_f32.anchor, rtol=0.05, atol=0.05)
+
+
+def group_trainer(config, splits, workdir):
+    teacher_model, student_model, teacher_params, *_ = setup(config)
+    return train.GroupTrainer(
+        config, str(workdir), splits, list(range(len(splits))), teacher_params,
+        teacher_model, student_model,
+    )
+
+
+def test_teacher_cache_trains_exactly_as_the_teacher_forward(digits_zero, tmp_path, monkeypatch):
+    """Two splits of 30 and 21 images, 12 steps of 8 (several epochs): the step that reads the
+    teacher's features from the cache gives the very numbers of the step that computes them."""
+    config = tiny_config()
+    config.data.batch_size = 8
+    config.train.update(steps=12, checkpoint_every=1000)
+    splits = [
+        dataclasses.replace(digits_zero, name=name, train_images=digits_zero.train_images.subset(
+            np.arange(offset, offset + size)))
+        for name, offset, size in (("a", 0, 30), ("b", 40, 21))
+    ]
+    models = {}
+    for setting in ("auto", "off"):
+        config.train.teacher_cache = setting
+        trainer = group_trainer(config, splits, tmp_path / setting)
+        assert trainer.cached_teacher == (setting == "auto")
+        trainer.train()
+        models[setting] = jax.device_get(trainer.final_models())
+    assert trainer.cache_length() == 32  # 30 images in whole batches of 8
+    jax.tree.map(np.testing.assert_array_equal, models["auto"], models["off"])
+
+    # "auto" keeps no cache that would take more than 10% of a device's memory ...
+    config.train.teacher_cache = "auto"
+    monkeypatch.setattr(train, "device_memory_bytes", lambda: 9 * trainer.teacher_cache_bytes())
+    assert not group_trainer(config, splits, tmp_path / "small_device").cached_teacher
+    monkeypatch.undo()
+    # ... nor one that a single pass over the images would read only once.
+    config.train.steps = 3
+    assert not group_trainer(config, splits, tmp_path / "one_epoch").cached_teacher
+    config.train.teacher_cache = "yes"
+    with pytest.raises(train.FcdError, match="'auto', 'on' or 'off'"):
+        group_trainer(config, splits, tmp_path / "bad")
