@@ -223,6 +223,8 @@ def test_sigkill_mid_training_then_rerun_gives_identical_results(
     assert len(resumed) == 1, process.stderr[-3000:]
     resumed_at = int(resumed[0].split(" at step ")[1].split()[0])
     assert 5 <= resumed_at < STEPS
+    # A few images for 40 steps: the step reads the teacher cache, rebuilt on resume.
+    assert "teacher cache on" in process.stderr
 
     assert results(workdir)["runs"] == results(trained)["runs"]
     for name in CATEGORIES:
