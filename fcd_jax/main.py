@@ -15,6 +15,7 @@ from ml_collections import config_flags
 
 from fcd_jax import predict, train
 from fcd_jax.errors import FcdError
+from fcd_jax.workdir_config import check_workdir_config
 
 MODES = ("train_and_eval", "eval", "predict")
 
@@ -47,6 +48,7 @@ def run(config, workdir: str, mode: str) -> None:
                 dataset_config.update(overrides)
         dataset_workdir = workdir if len(datasets) == 1 else os.path.join(workdir, dataset)
         logging.info("dataset %s -> %s (%s)", dataset, dataset_workdir, mode)
+        check_workdir_config(dataset_config, dataset_workdir, record=mode == "train_and_eval")
         if mode == "train_and_eval":
             train.train_and_evaluate(dataset_config, dataset_workdir)
         elif mode == "eval":

@@ -29,7 +29,8 @@ from PIL import Image
 from configs import folder
 from fcd_jax import main as fcd_main
 from fcd_jax import train
-from fcd_jax.errors import FcdError, TrainingError
+from fcd_jax.errors import ConfigError, FcdError, TrainingError
+from fcd_jax.workdir_config import check_workdir_config
 
 pytestmark = pytest.mark.slow
 
@@ -328,6 +329,27 @@ def test_nan_loss_stops_with_one_line_and_keeps_checkpoints(env, data_root, tmp_
     assert not [path for path in checkpoint_dir.iterdir() if "tmp" in path.name]
     assert (checkpoint_dir / str(kept_step) / "commit_success.txt").exists()
     assert not list(tmp_path.glob("runs/*/result.json"))
+
+
+def test_rerun_with_another_training_config_is_one_clear_error(data_root, trained):
+    files = lambda: {p: p.stat().st_mtime_ns for p in trained.rglob("*") if p.is_file()}
+    before = files()
+    lr = folder_config(data_root).optim.lr
+    for mode in ("train_and_eval", "eval", "predict"):
+        changed = folder_config(data_root, optim__lr=lr / 2, method__layers=(1, 3, 5, 7),
+                                predict__inputs=str(data_root))
+        with pytest.raises(ConfigError) as error:
+            fcd_main.run(changed, str(trained), mode)
+        message = str(error.value)
+        assert "\n" not in message
+        for fragment in (f"optim.lr {lr!r} -> {lr / 2!r}", "method.layers", "use a new --workdir"):
+            assert fragment in message, message
+    assert files() == before  # nothing written, nothing resumed
+    # Settings that change nothing that is trained may change between runs.
+    check_workdir_config(folder_config(
+        data_root, train__log_every=7, train__teacher_cache="off", parallel_splits="1",
+        model__scan_layers=False, method__top_k=3, eval__threshold_quantile=0.9,
+    ), str(trained))
 
 
 def test_cli_error_is_one_line_with_exit_code_2(env, tmp_path):
