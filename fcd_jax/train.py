@@ -435,14 +435,14 @@ class GroupTrainer:
             raise FcdError(
                 f"train.teacher_cache={setting!r}: use 'auto', 'on' or 'off'"
             )
-        if setting != "auto":
-            return setting == "on"
-        images_seen = int(self.totals.max()) * self.config.data.batch_size
-        fits = self.teacher_cache_bytes() <= 0.1 * device_memory_bytes()
-        use = fits and images_seen > max(len(split.train_images) for split in self.splits)
+        use = setting == "on"
+        if setting == "auto":
+            images_seen = int(self.totals.max()) * self.config.data.batch_size
+            fits = self.teacher_cache_bytes() <= 0.1 * device_memory_bytes()
+            use = fits and images_seen > max(len(split.train_images) for split in self.splits)
         logging.info(
-            "teacher cache %s: %.2f GiB per device", "on" if use else "off",
-            self.teacher_cache_bytes() / 2**30,
+            "teacher cache %s (train.teacher_cache=%s): %.2f GiB per device",
+            "on" if use else "off", setting, self.teacher_cache_bytes() / 2**30,
         )
         return use
 

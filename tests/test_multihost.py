@@ -27,7 +27,8 @@ def read_runs(workdir: Path) -> dict[str, dict]:
 
 @pytest.mark.slow
 def test_two_processes_report_what_one_process_reports(tmp_path):
-    flags = tiny_flags(splits=",".join(SPLITS), parallel_splits=3)
+    # The teacher cache too: each process fills its block of it.
+    flags = tiny_flags(splits=",".join(SPLITS), parallel_splits=3, **{"train.teacher_cache": "on"})
     env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_WAIT_POLICY="PASSIVE")
     multi = subprocess.Popen(
         ["bash", str(LAUNCH), "2", *flags, f"--workdir={tmp_path / 'multi'}"],
@@ -50,6 +51,7 @@ def test_two_processes_report_what_one_process_reports(tmp_path):
     assert multi.returncode == 0, multi_out[-2000:] + logs[0][-2000:] + logs[1][-2000:]
     assert single.returncode == 0, single_out[-3000:]
     assert "JAX process 1 of 2" in logs[1] and "all devices: 4" in logs[1]
+    assert all("teacher cache on" in log for log in [*logs.values(), single_out])
 
     multi_runs, single_runs = read_runs(tmp_path / "multi"), read_runs(tmp_path / "single")
     assert list(multi_runs) == list(single_runs) == SPLITS
