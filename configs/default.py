@@ -137,8 +137,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.log_every = 50
     config.train.checkpoint_every = 500
     # The teacher's features of every training image computed once and kept on the devices, so
-    # the step skips the teacher forward: "auto" (when they take <= 10% of a device's memory and
-    # the images are seen more than once: MVTec, small folders), "on" or "off". Same numbers.
+    # the step skips the teacher forward: "auto" (when the images are seen more than once and the
+    # step and the features fit 90% of a device's memory: MVTec, small folders), "on" or "off".
+    # Same numbers.
     config.train.teacher_cache = "auto"
 
     config.eval = ml_collections.ConfigDict()

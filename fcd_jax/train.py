@@ -428,8 +428,9 @@ class GroupTrainer:
         return -(-max(len(split.train_images) for split in self.splits) // batch) * batch
 
     def use_teacher_cache(self) -> bool:
-        """``train.teacher_cache``: "on", "off", or "auto" = when the cache takes at most 10% of
-        a device's memory and the group sees its training images more than once."""
+        """``train.teacher_cache``: "on", "off", or "auto" = when the group sees its training
+        images more than once and the train step (XLA's memory analysis, as for
+        ``parallel_splits="auto"``) and the cache together fit 90% of a device's memory."""
         setting = str(self.config.train.teacher_cache)
         if setting not in ("auto", "on", "off"):
             raise FcdError(
@@ -438,8 +439,12 @@ class GroupTrainer:
         use = setting == "on"
         if setting == "auto":
             images_seen = int(self.totals.max()) * self.config.data.batch_size
-            fits = self.teacher_cache_bytes() <= 0.1 * device_memory_bytes()
-            use = fits and images_seen > max(len(split.train_images) for split in self.splits)
+            if images_seen > max(len(split.train_images) for split in self.splits):
+                step = step_memory_bytes(
+                    self.config, self.num_stacked // self.mesh.shape[parallel.SPLIT],
+                    self.config.data.batch_size // self.mesh.shape[parallel.DATA],
+                )
+                use = step + self.teacher_cache_bytes() <= 0.9 * device_memory_bytes()
         logging.info(
             "teacher cache %s (train.teacher_cache=%s): %.2f GiB per device",
             "on" if use else "off", setting, self.teacher_cache_bytes() / 2**30,
@@ -731,12 +736,24 @@ def write_reports(
     return results
 
 
+_STEP_MEMORY: dict[tuple[str, int, int | None], int] = {}
+
+
 def step_memory_bytes(
     config: ml_collections.ConfigDict, num_splits: int, batch_per_device: int | None = None
 ) -> int:
     """Device memory of the stacked train step for ``num_splits`` splits on ONE device, read
     from the compiled program's own memory analysis (arguments + outputs + temporaries, less
-    what donation aliases)."""
+    what donation aliases). Compiled once per (config, splits, batch) in a process."""
+    key = (config.to_json(), num_splits, batch_per_device)
+    if key not in _STEP_MEMORY:
+        _STEP_MEMORY[key] = _compiled_step_memory(config, num_splits, batch_per_device)
+    return _STEP_MEMORY[key]
+
+
+def _compiled_step_memory(
+    config: ml_collections.ConfigDict, num_splits: int, batch_per_device: int | None
+) -> int:
     teacher_model, student_model = build_models(config)
     size = config.data.image_size
     batch = batch_per_device or config.data.batch_size

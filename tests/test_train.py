@@ -199,10 +199,12 @@ def test_teacher_cache_trains_exactly_as_the_teacher_forward(digits_zero, tmp_pa
     assert trainer.cache_length() == 32  # 30 images in whole batches of 8
     jax.tree.map(np.testing.assert_array_equal, models["auto"], models["off"])
 
-    # "auto" keeps no cache that would take more than 10% of a device's memory ...
+    # "auto" keeps the cache only where the step and the cache fit 90% of a device's memory ...
     config.train.teacher_cache = "auto"
-    monkeypatch.setattr(train, "device_memory_bytes", lambda: 9 * trainer.teacher_cache_bytes())
-    assert not group_trainer(config, splits, tmp_path / "small_device").cached_teacher
+    needed = train.step_memory_bytes(config, 2, 8) + trainer.teacher_cache_bytes()
+    for device_bytes, cached in ((needed / 0.9 - 100, False), (needed / 0.9 + 100, True)):
+        monkeypatch.setattr(train, "device_memory_bytes", lambda size=device_bytes: size)
+        assert group_trainer(config, splits, tmp_path / "device").cached_teacher == cached
     monkeypatch.undo()
     # ... nor one that a single pass over the images would read only once.
     config.train.steps = 3
