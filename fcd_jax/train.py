@@ -445,6 +445,8 @@ class GroupTrainer:
                     self.config.data.batch_size // self.mesh.shape[parallel.DATA],
                 )
                 use = step + self.teacher_cache_bytes() <= 0.9 * device_memory_bytes()
+            # Every process must run the same program: process 0's measurement decides.
+            use = bool(multihost_utils.broadcast_one_to_all(np.bool_(use)))
         logging.info(
             "teacher cache %s (train.teacher_cache=%s): %.2f GiB per device",
             "on" if use else "off", setting, self.teacher_cache_bytes() / 2**30,
