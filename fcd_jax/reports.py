@@ -57,8 +57,9 @@ def _json_safe(value: Any) -> Any:
     return str(value)
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: str | os.PathLike, text: str) -> None:
     """A killed run leaves the old file or the new one, never half of one."""
+    path = Path(path)
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(text, encoding="utf-8")
     os.replace(temporary, path)
@@ -98,8 +99,8 @@ def write_results(
     )
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    _write_atomically(workdir / RESULTS_JSON, json.dumps(results, indent=2, allow_nan=False) + "\n")
-    _write_atomically(workdir / RESULTS_MD, results_markdown(results))
+    write_atomically(workdir / RESULTS_JSON, json.dumps(results, indent=2, allow_nan=False) + "\n")
+    write_atomically(workdir / RESULTS_MD, results_markdown(results))
     return results
 
 

@@ -662,9 +662,7 @@ def read_finished(workdir: str, name: str) -> dict | None:
 def write_finished(workdir: str, summary: dict) -> None:
     path = os.path.join(run_dir(workdir, summary["name"]), "result.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as file:
-        json.dump(summary, file, indent=2)
-    os.replace(path + ".tmp", path)
+    reports.write_atomically(path, json.dumps(summary, indent=2))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:

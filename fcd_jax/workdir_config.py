@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from fcd_jax import reports
 from fcd_jax.errors import ConfigError
 
 FILE_NAME = "training_config.json"
@@ -72,6 +73,4 @@ def check_workdir_config(
         return
     if record and jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        with open(path + ".tmp", "w") as file:
-            json.dump(fields, file, indent=1)
-        os.replace(path + ".tmp", path)
+        reports.write_atomically(path, json.dumps(fields, indent=1))
