@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -413,14 +414,25 @@ class GroupTrainer:
             if jax.process_index() == 0 else {}
         )
 
+    @functools.cached_property
+    def cached_image_features(self) -> jax.ShapeDtypeStruct:
+        """Shape and dtype of one image's entry in ``teacher_cache``: ``[L, tokens, width]``."""
+        features = jax.eval_shape(
+            functools.partial(teacher_features, config=self.config,
+                              teacher_model=self.teacher_model),
+            self.teacher_params,
+            jax.ShapeDtypeStruct((1, *self.global_batch_shape()[2:]), jnp.uint8),
+        )
+        return jax.ShapeDtypeStruct(
+            (features.shape[0], *features.shape[2:]), features.dtype
+        )
+
     def teacher_cache_bytes(self) -> int:
         """Device memory per device of ``teacher_cache``."""
-        num_blocks = len(loss_blocks(self.config.method))
-        tokens = 1 + (self.config.data.image_size // self.teacher_model.patch_size) ** 2
-        per_image = num_blocks * tokens * self.teacher_model.width
-        per_image *= jnp.dtype(self.teacher_model.dtype).itemsize
+        per_image = self.cached_image_features
         splits_per_device = self.num_stacked // self.mesh.shape[parallel.SPLIT]
-        return splits_per_device * self.cache_length() * per_image
+        return (splits_per_device * self.cache_length() * math.prod(per_image.shape)
+                * jnp.dtype(per_image.dtype).itemsize)
 
     def cache_length(self) -> int:
         """Images per split in the teacher cache: the largest training set, in whole batches."""
@@ -464,15 +476,13 @@ class GroupTrainer:
         """
         config, mesh = self.config, self.mesh
         batch, length = config.data.batch_size, self.cache_length()
-        image_shape = self.global_batch_shape()[2:]
+        global_shape = self.global_batch_shape()
+        image_shape = global_shape[2:]
         stacked, batched = parallel.stacked_sharding(mesh), parallel.batch_sharding(mesh)
         features = functools.partial(
             teacher_features, config=config, teacher_model=self.teacher_model
         )
-        feature_shape = jax.eval_shape(
-            features, self.teacher_params, jax.ShapeDtypeStruct((1, *image_shape), jnp.uint8)
-        )
-        per_image = (feature_shape.shape[0], *feature_shape.shape[2:])
+        per_image = self.cached_image_features
 
         def fill_batch(cache, teacher_params, images, start):
             new = jax.vmap(features, in_axes=(None, 0))(teacher_params, images)
@@ -485,14 +495,13 @@ class GroupTrainer:
                 out_shardings=stacked, donate_argnums=0,
             ),
         )
-        cache_shape = (self.num_stacked, length, *per_image)
+        cache_shape = (self.num_stacked, length, *per_image.shape)
         zeros = parallel.jit_once(
-            ("cache_zeros", cache_shape, feature_shape.dtype, mesh),
-            lambda: jax.jit(lambda: jnp.zeros(cache_shape, feature_shape.dtype),
+            ("cache_zeros", cache_shape, per_image.dtype, mesh),
+            lambda: jax.jit(lambda: jnp.zeros(cache_shape, per_image.dtype),
                             out_shardings=stacked),
         )
         cache = zeros()
-        global_shape = (self.num_stacked, batch, *image_shape)
         split_rows, batch_rows = parallel.local_block(batched, global_shape)
         for start in tqdm(
             range(0, length, batch), desc="teacher cache", unit="batch", leave=False,
@@ -515,8 +524,11 @@ class GroupTrainer:
         image_shape = self.splits[0].train_images.image_shape
         return (self.num_stacked, self.config.data.batch_size, *image_shape)
 
-    def batch_streams(self, start_step: int) -> dict[int, Iterator[np.ndarray]]:
-        """This process's rows of every batch, for the splits it holds (padding splits: none)."""
+    def batch_streams(
+        self, start_step: int
+    ) -> dict[int, Iterator[tuple[np.ndarray, np.ndarray]]]:
+        """This process's rows of every batch, ``(images, indices)``, for the splits it holds
+        (padding splits: none)."""
         split_rows, batch_rows = parallel.local_block(
             parallel.batch_sharding(self.mesh), self.global_batch_shape()
         )
@@ -529,7 +541,7 @@ class GroupTrainer:
                     seed=self.config.seed, start_step=start_step,
                     process_index=batch_rows.start // rows,
                     process_count=self.config.data.batch_size // rows,
-                    with_indices=self.cached_teacher,
+                    with_indices=True,
                 )
         self.local_rows = (split_rows, rows)
         return streams
@@ -549,12 +561,9 @@ class GroupTrainer:
                                  np.uint8)
                 local_indices = np.zeros(local.shape[:2], np.int32)
                 for index, stream in streams.items():
-                    if self.cached_teacher:
-                        local[index - split_rows.start], local_indices[index - split_rows.start] = (
-                            next(stream)
-                        )
-                    else:
-                        local[index - split_rows.start] = next(stream)
+                    local[index - split_rows.start], local_indices[index - split_rows.start] = (
+                        next(stream)
+                    )
                 images = parallel.global_array(local, sharding, global_shape)
                 if self.cached_teacher:
                     yield images, parallel.global_array(local_indices, sharding, global_shape[:2])
