@@ -5,6 +5,7 @@ command line, e.g. ``--config.optim.lr=0.05`` or ``--config.method.layers="(3,6,
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def parse_arg(arg: str | None) -> dict[str, str]:
@@ -71,8 +72,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.root = ""  # mvtec / folder / textures root directory
     config.data.category = ""  # mvtec / folder category ("" = every category under root)
     config.data.image_size = 224
-    config.data.mean = 0.5  # Google's ViT checkpoints take [-1, 1]: (x - 0.5) / 0.5
-    config.data.std = 0.5
+    # The teacher's image normalisation (x / 255 - mean) / std, one number or one per channel.
+    # Unset = the teacher checkpoint's own (arch.json; Google's ViTs take 0.5, 0.5, i.e. [-1, 1]);
+    # a value set here overrides it, with a warning where they differ (fcd_jax/teacher.py).
+    config.data.mean = config_dict.placeholder(object)
+    config.data.std = config_dict.placeholder(object)
     config.data.batch_size = 32
     config.data.eval_batch_size = 64
     config.data.holdout_fraction = 0.1  # normal training images held out to set the threshold
@@ -91,8 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.depth = 0
     config.model.num_heads = 0
     config.model.mlp_dim = 0
-    config.model.layernorm_eps = 1e-6  # Google npz and timm: 1e-6; HuggingFace: 1e-12
-    config.model.gelu_approximate = False  # timm / HF: exact GELU; vit_jax's flax code: tanh
+    # Unset = the teacher checkpoint's (as data.mean/std); a random teacher: 1e-6 and exact GELU.
+    config.model.layernorm_eps = config_dict.placeholder(float)  # Google, timm: 1e-6; HF: 1e-12
+    config.model.gelu_approximate = config_dict.placeholder(bool)  # vit_jax's flax code: tanh
     config.model.dtype = "float32"  # compute dtype; params, anchor and loss stay float32
     config.model.scan_layers = True  # False: unroll the layer scan (same params, same numbers)
     config.model.remat = False

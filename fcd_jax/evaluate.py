@@ -1,33 +1,37 @@
-"""Scoring whole image sets with a trained student (METHOD.md "Anomaly score", eqs. 7-10).
+"""Scoring whole image sets with a trained student (METHOD.md "Anomaly score", eqs. 7-10), and
+evaluating a run: threshold, metrics, arrays and plots.
 
-One jit-compiled score step goes from uint8 images to image scores and anomaly maps; batches are
-sharded over every device of the mesh; results are gathered to the host of every process.
+One jit-compiled score step goes from uint8 images to image scores and anomaly maps; each batch
+is one split's ``[1, B, ...]`` over every device of the mesh (``parallel.GlobalBatch``); results
+are gathered to the host of every process. :class:`SavedRuns` scores the runs a workdir holds
+(``--mode=eval`` and predict) without the trainer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from fcd_jax import parallel, reports
-from fcd_jax.datasets.split import Split
+from fcd_jax import checkpoints, parallel, reports, workdir
+from fcd_jax.datasets.split import ImageSource, Split
 from fcd_jax.errors import FcdError
-from fcd_jax.input_pipeline import eval_batches, preprocess
+from fcd_jax.input_pipeline import eval_batches
 from fcd_jax.metrics import summarise_run, threshold_from_normal
+from fcd_jax.networks import Networks, build_networks
+from fcd_jax.preprocessing import preprocess
 from fcd_jax.scoring import score_images
+from fcd_jax.teacher import load_teacher
 
 
-@dataclass
+@dataclasses.dataclass
 class ScoredSet:
     """Scores of every image of a source, in order; maps only where they were asked for."""
 
@@ -36,24 +40,22 @@ class ScoredSet:
 
 
 def make_score_step(
-    config: ml_collections.ConfigDict, teacher_model: nn.Module, student_model: nn.Module
+    config: ml_collections.ConfigDict, networks: Networks
 ) -> Callable[[dict, dict, jax.Array, jax.Array], dict[str, jax.Array]]:
-    """Jitted ``step(teacher_params, student_params, anchor, uint8 images) -> {"score", "map"}``."""
+    """Jitted ``step(teacher_params, student_params, anchor, uint8 images [1, B, ...]) ->
+    {"score" [B], "map" [B, H, W]}``, built once per (config, networks)."""
+    method = networks.plan.method(config.method)
 
     def step(teacher_params, student_params, anchor, images):
-        images = preprocess(images, config.data.image_size, config.data.mean, config.data.std)
+        images = preprocess(images[0], config.data)
         scored = score_images(
-            teacher_model, student_model, teacher_params, student_params, anchor, images,
-            config.method, config.data.image_size,
+            networks.teacher, networks.student, teacher_params, student_params, anchor, images,
+            method, config.data.image_size,
         )
         return {"score": scored["score"], "map": scored["map"]}
 
-    return jax.jit(step)
-
-
-def all_devices_sharding(mesh: Mesh) -> NamedSharding:
-    """The batch axis over every device of the mesh (evaluation scores one split at a time)."""
-    return NamedSharding(mesh, P((parallel.SPLIT, parallel.DATA)))
+    key = ("score", ml_collections.FrozenConfigDict(config), networks)
+    return parallel.jit_once(key, lambda: jax.jit(step))
 
 
 def eval_batch_size(requested: int, mesh: Mesh) -> int:
@@ -66,7 +68,7 @@ def score_source(
     teacher_params: dict,
     student_params: dict,
     anchor: jax.Array,
-    source,
+    source: ImageSource,
     mesh: Mesh,
     batch_size: int,
     keep_maps: int | None,
@@ -76,24 +78,21 @@ def score_source(
 
     ``keep_maps``: ``None`` keeps every map, ``k`` keeps the first k (for heat-map plots).
     """
-    sharding = all_devices_sharding(mesh)
     batch_size = eval_batch_size(batch_size, mesh)
-    rows = parallel.local_rows(sharding, (batch_size,))  # this process's devices' rows
-    num_local = rows.stop - rows.start
+    sharding = parallel.all_devices_sharding(mesh)
+    images_layout = parallel.GlobalBatch(sharding, (1, batch_size, *np.shape(source[0])))
+    valid_layout = parallel.GlobalBatch(sharding, (1, batch_size))
     scores, maps = [], []
     num_kept = 0
-    for images, valid in eval_batches(
-        source, batch_size, rows.start // num_local, batch_size // num_local
-    ):
-        global_images = parallel.global_array(images, sharding, (batch_size, *images.shape[1:]))
-        global_valid = parallel.global_array(valid, sharding, (batch_size,))
+    for images, valid in eval_batches(source, batch_size, *images_layout.process_slot):
+        global_images = images_layout.assemble({0: images})
         out = score_step(teacher_params, student_params, anchor, global_images)
         want_maps = keep_maps is None or num_kept < keep_maps
-        fetched = {"score": out["score"], "valid": global_valid}
+        fetched = {"score": out["score"], "valid": valid_layout.assemble({0: valid}, bool)}
         if want_maps:
             fetched["map"] = out["map"]
         fetched = multihost_utils.process_allgather(fetched, tiled=True)
-        keep = np.asarray(fetched["valid"], bool)
+        keep = np.asarray(fetched["valid"], bool)[0]
         scores.append(np.asarray(fetched["score"], np.float32)[keep])
         if want_maps:
             batch_maps = np.asarray(fetched["map"], np.float32)[keep]
@@ -163,12 +162,49 @@ def evaluate_split(
     if jax.process_index() == 0:
         os.makedirs(run_dir, exist_ok=True)
         run = dict(summary, scores=test.scores, labels=split.test_labels)
-        reports.save_run_arrays(os.path.join(run_dir, "scores.npz"), run)
+        reports.save_run_arrays(os.path.join(run_dir, workdir.SCORES_NPZ), run)
         if has_masks:
             chosen = heatmap_indices(split.test_labels, config.eval.max_heatmaps)
             reports.plot_heatmap_grid(
-                os.path.join(run_dir, "heatmaps.png"),
+                os.path.join(run_dir, reports.HEATMAPS_PNG),
                 split.test_images.get_batch(chosen), test.maps[chosen], masks[chosen],
                 test.scores[chosen], split.test_labels[chosen],
             )
     return summary
+
+
+@dataclasses.dataclass
+class SavedRuns:
+    """What scoring a workdir's trained runs needs: the config reconciled with the teacher and
+    checked against the workdir's, the teacher on every device, the jitted score step."""
+
+    config: ml_collections.ConfigDict
+    directory: str
+    teacher_params: dict
+    teacher_is_random: bool
+    score_step: Callable
+    mesh: Mesh
+
+    @classmethod
+    def open(cls, config: ml_collections.ConfigDict, directory: str) -> SavedRuns:
+        teacher = load_teacher(config, directory)
+        workdir.check_training_config(teacher.config, directory, record=False)
+        networks = build_networks(teacher.config)
+        mesh = parallel.data_mesh()
+        teacher_params = jax.device_put(
+            networks.teacher_params(teacher.params), parallel.replicated(mesh)
+        )
+        score_step = make_score_step(teacher.config, networks)
+        return cls(teacher.config, directory, teacher_params, teacher.is_random, score_step, mesh)
+
+    def load_model(self, name: str) -> dict:
+        """The trained ``{"params", "anchor"}`` of run ``name``."""
+        return checkpoints.load_tree(workdir.model_dir(self.directory, name))
+
+    def score(self, name: str, source: ImageSource, keep_maps: int | None = None) -> ScoredSet:
+        """Scores every image of ``source`` with run ``name``."""
+        model = self.load_model(name)
+        return score_source(
+            self.score_step, self.teacher_params, model["params"], model["anchor"], source,
+            self.mesh, self.config.data.eval_batch_size, keep_maps,
+        )

@@ -1,8 +1,8 @@
-"""Data for one run: the one-class split API, deterministic batching, preprocessing on the device.
+"""Data for the runs: which splits, the one-class split API, deterministic host-side batching.
 
 METHOD.md "Training and data protocol". The host holds uint8 images at their native (tfds) or
-configured (folders) size and slices batches by index; ``preprocess`` (inside jit) resizes to the
-model size, makes gray images 3-channel and normalises with the teacher's mean/std.
+configured (folders) size and slices batches by index; ``fcd_jax.preprocessing`` (inside the
+jitted programs) resizes them to the model size and normalises them with the teacher's mean/std.
 
 Multi-host: ``train_batches`` / ``eval_batches`` take ``process_index`` / ``process_count`` and
 return only this process's rows of each global batch (``batch_size // process_count`` rows), so each
@@ -16,18 +16,15 @@ import queue
 import threading
 from collections.abc import Iterable, Iterator
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fcd_jax.datasets import embedded, folders, tfds_one_class
 from fcd_jax.datasets.split import ArraySource, ImageSource, MaskSource, Split
-from fcd_jax.errors import DataError
+from fcd_jax.errors import DataError, FcdError
 
 __all__ = [
     "ArraySource", "ImageSource", "MaskSource", "Split", "DATASETS", "list_splits", "load_split",
-    "steps_per_epoch", "train_batches", "eval_batches", "prefetch", "preprocess",
-    "preprocess_masks",
+    "select_splits", "steps_per_epoch", "train_batches", "eval_batches", "prefetch",
 ]  # fmt: skip
 
 DATASETS = ("cifar10", "cifar100", "fashion_mnist", "mvtec", "folder", "digits", "textures")
@@ -47,6 +44,21 @@ def list_splits(data_config) -> list[str]:
     if dataset == "textures":
         return list(embedded.TEXTURES)
     raise DataError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
+
+
+def select_splits(config) -> list[str]:
+    """The dataset's run names, restricted to ``config.splits`` unless it is "all"."""
+    names = list_splits(config.data)
+    if config.splits in ("all", "", None):
+        return names
+    wanted = [name.strip() for name in str(config.splits).split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in names]
+    if unknown:
+        raise FcdError(
+            f"unknown split(s) {', '.join(unknown)} for dataset {config.data.name}: "
+            f"choose from {', '.join(names)}"
+        )
+    return wanted
 
 
 def load_split(data_config, name: str) -> Split:
@@ -172,36 +184,3 @@ def prefetch(iterator: Iterable, size: int = 2) -> Iterator:
         if isinstance(item, BaseException):
             raise item
         yield item
-
-
-# --- On the device ------------------------------------------------------------------------------
-
-
-def preprocess(images_uint8: jax.Array, image_size: int, mean, std) -> jax.Array:
-    """uint8 ``[n, h, w, c]`` (c = 1 or 3) or ``[n, h, w]`` -> float32 ``[n, size, size, 3]``.
-
-    Bilinear resize (``jax.image.resize``), gray replicated to 3 channels,
-    ``(x / 255 - mean) / std``
-    (METHOD.md: Google's ViT checkpoints take mean 0.5, std 0.5, i.e. [-1, 1]). Use inside jit.
-    """
-    images = jnp.asarray(images_uint8).astype(jnp.float32)
-    if images.ndim == 3:
-        images = images[..., None]
-    n, height, width, channels = images.shape
-    if (height, width) != (image_size, image_size):
-        images = jax.image.resize(images, (n, image_size, image_size, channels), "bilinear")
-    if channels == 1:
-        images = jnp.repeat(images, 3, axis=-1)
-    mean = jnp.asarray(mean, jnp.float32)
-    std = jnp.asarray(std, jnp.float32)
-    return (images / 255.0 - mean) / std
-
-
-def preprocess_masks(masks_uint8: jax.Array, image_size: int) -> jax.Array:
-    """uint8 ``[n, h, w]`` masks -> uint8 ``[n, size, size]``, nearest-neighbour resize."""
-    masks = jnp.asarray(masks_uint8)
-    n, height, width = masks.shape
-    if (height, width) == (image_size, image_size):
-        return masks
-    resized = jax.image.resize(masks.astype(jnp.float32), (n, image_size, image_size), "nearest")
-    return resized.astype(jnp.uint8)

@@ -12,7 +12,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from fcd_jax.errors import FcdError
 
@@ -153,27 +152,6 @@ def gram_loss(
     return jnp.mean(jnp.sum(per_pair, axis=0))
 
 
-def loss_blocks(method_config: Any) -> tuple[int, ...]:
-    """Every block a loss reads (groupc, anchor layers, Gram pairs), ascending."""
-    used = {*method_config.layers, *method_config.anchor_layers}
-    used.update(block for pair in gram_pairs(method_config) for block in pair)
-    return tuple(sorted(int(block) for block in used))
-
-
-def on_loss_blocks(method_config: Any) -> Any:
-    """``method_config`` with its block indices renumbered to positions in
-    :func:`loss_blocks`, for block stacks that hold only those blocks (``blocks[loss_blocks]``,
-    e.g. cached teacher features): the losses then give the very same values."""
-    position = {block: index for index, block in enumerate(loss_blocks(method_config))}
-    renumber = lambda blocks: tuple(position[int(block)] for block in blocks)
-    return ml_collections.ConfigDict(dict(
-        method_config,
-        layers=renumber(method_config.layers),
-        anchor_layers=renumber(method_config.anchor_layers),
-        gram_pairs=tuple(renumber(pair) for pair in gram_pairs(method_config)),
-    ))
-
-
 def _checked_anchor(anchor: jax.Array, cls: jax.Array) -> jax.Array:
     """The anchor in float32 without gradient, after checking it fits ``cls`` [layers, batch, D]."""
     if anchor.shape != (cls.shape[0], cls.shape[-1]):
@@ -204,11 +182,11 @@ def anchor_loss(
 
 def update_anchor(
     anchor: jax.Array, num_seen: jax.Array, teacher_cls: jax.Array, method_config: Any
-) -> tuple[jax.Array, jax.Array]:
-    """Folds one batch of teacher cls outputs into the anchor (METHOD.md "Losses" 2, eq. 1).
+) -> jax.Array:
+    """The anchor with one batch of teacher cls outputs folded in (METHOD.md "Losses" 2, eq. 1).
 
     ``teacher_cls``: ``[num_anchor_layers, batch, width]`` (see :func:`cls_tokens`); ``num_seen``:
-    images folded in so far (float32 or int32 scalar; returned in the same dtype, plus batch).
+    images folded in before this batch (a scalar; the train step derives it as step * batch).
 
     - ``anchor_update="mean"``: exact running mean, anchor += (batch_mean - anchor) * b / n_after,
       i.e. momentum 1 - n_before / n_after on the batch mean; after one pass over the data it is
@@ -225,7 +203,7 @@ def update_anchor(
     anchor = _checked_anchor(anchor, teacher_cls)
     batch = teacher_cls.shape[1]
     batch_mean = jnp.mean(teacher_cls, axis=1)
-    seen_before = num_seen.astype(jnp.float32)
+    seen_before = jnp.asarray(num_seen).astype(jnp.float32)
     if method == "mean":
         new_anchor = anchor + (batch_mean - anchor) * (batch / (seen_before + batch))
     else:
@@ -234,7 +212,7 @@ def update_anchor(
             raise FcdError(f"anchor_momentum {momentum} must lie in [0, 1), e.g. 0.99")
         ema = momentum * anchor + (1.0 - momentum) * batch_mean
         new_anchor = jnp.where(seen_before == 0, batch_mean, ema)
-    return new_anchor, num_seen + jnp.asarray(batch, num_seen.dtype)
+    return new_anchor
 
 
 def fcd_loss(

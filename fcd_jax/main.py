@@ -13,9 +13,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fcd_jax import predict, train
+from fcd_jax import experiment, predict
 from fcd_jax.errors import FcdError
-from fcd_jax.workdir_config import check_workdir_config
 
 MODES = ("train_and_eval", "eval", "predict")
 
@@ -37,7 +36,9 @@ FLAGS = flags.FLAGS
 
 def run(config, workdir: str, mode: str) -> None:
     """Runs ``mode`` for every dataset named in ``config.data.name`` (comma-separated), each with
-    its ``config.per_dataset.<name>`` overrides if the config has them."""
+    its ``config.per_dataset.<name>`` overrides if the config has them. Each mode checks the
+    config, reconciled with its teacher, against the workdir's recorded one (``fcd_jax.workdir``)
+    before it trains or scores."""
     datasets = [name.strip() for name in config.data.name.split(",") if name.strip()]
     for dataset in datasets:
         dataset_config = config.copy_and_resolve_references()
@@ -48,11 +49,10 @@ def run(config, workdir: str, mode: str) -> None:
                 dataset_config.update(overrides)
         dataset_workdir = workdir if len(datasets) == 1 else os.path.join(workdir, dataset)
         logging.info("dataset %s -> %s (%s)", dataset, dataset_workdir, mode)
-        check_workdir_config(dataset_config, dataset_workdir, record=mode == "train_and_eval")
         if mode == "train_and_eval":
-            train.train_and_evaluate(dataset_config, dataset_workdir)
+            experiment.train_and_evaluate(dataset_config, dataset_workdir)
         elif mode == "eval":
-            train.evaluate_saved(dataset_config, dataset_workdir)
+            experiment.evaluate_saved(dataset_config, dataset_workdir)
         else:
             predict.predict(dataset_config, dataset_workdir)
 

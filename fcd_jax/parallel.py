@@ -4,15 +4,17 @@ One ``Mesh`` with axes ``("split", "data")``. Student states of S splits are sta
 axis sharded over ``split``; each batch is ``[S, B, h, w, c]`` sharded over ``("split", "data")``;
 the teacher's parameters are replicated. ``jax.jit`` with these ``NamedSharding``s is the whole
 parallel engine: XLA inserts the gradient all-reduce over ``data``. The same code runs on one CPU,
-8 GPUs or a multi-host TPU pod (``jax.distributed``).
+8 GPUs or a multi-host TPU pod (``jax.distributed``): each process loads only its block of every
+batch and :class:`GlobalBatch` assembles the global ``jax.Array`` from it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import itertools
 import math
-from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -92,34 +94,60 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def stack_trees(trees: Sequence[Any]) -> Any:
-    """Stacks pytrees of equal structure on a new leading axis."""
-    return jax.tree.map(lambda *leaves: np.stack([np.asarray(x) for x in leaves]), *trees)
+def all_devices_sharding(mesh: Mesh) -> NamedSharding:
+    """``[1, batch, ...]``: one split's batch over every device of the mesh (evaluation)."""
+    return NamedSharding(mesh, P(None, (SPLIT, DATA)))
 
 
-def tree_index(tree: Any, index: int) -> Any:
-    """The ``index``-th element of a stacked pytree, fetched to the host as numpy."""
-    return jax.tree.map(lambda leaf: np.asarray(jax.device_get(leaf[index])), tree)
+@dataclasses.dataclass(frozen=True)
+class GlobalBatch:
+    """A global batch ``[S, B, ...]`` (S splits of B rows) laid out by ``sharding``, the block of it
+    that this process provides (``splits`` x ``rows``), and its assembly from that block.
 
-
-def local_block(sharding: NamedSharding, global_shape: tuple[int, ...]) -> tuple[slice, slice]:
-    """(splits, batch rows) of a ``[split, batch, ...]`` array that this process must provide.
-
-    Each process loads only these images; ``global_array`` assembles the global batch.
+    Training and the teacher-cache fill use ``batch_sharding`` (one row block per split);
+    evaluation uses ``[1, B, ...]`` over ``all_devices_sharding``.
     """
-    return _local_spans(sharding, global_shape, 2)
+
+    sharding: NamedSharding
+    shape: tuple[int, ...]
+
+    @functools.cached_property
+    def _block(self) -> tuple[slice, slice]:
+        return _local_block(self.sharding, self.shape)
+
+    @property
+    def splits(self) -> slice:
+        """The splits whose rows this process provides."""
+        return self._block[0]
+
+    @property
+    def rows(self) -> slice:
+        """The rows of each of those splits that this process provides."""
+        return self._block[1]
+
+    @property
+    def process_slot(self) -> tuple[int, int]:
+        """(index, count) of this process's rows among equal blocks of the B rows, as
+        ``input_pipeline.train_batches`` / ``eval_batches`` take them."""
+        num_rows = self.rows.stop - self.rows.start
+        return self.rows.start // num_rows, self.shape[1] // num_rows
+
+    def assemble(self, parts: Mapping[int, np.ndarray], dtype=np.uint8) -> jax.Array:
+        """The global ``jax.Array`` from ``parts[s]``, this process's rows of split ``s`` (fewer
+        rows are zero-padded; splits without a part, e.g. padding splits, are zeros)."""
+        local = np.zeros(
+            (self.splits.stop - self.splits.start, self.rows.stop - self.rows.start,
+             *self.shape[2:]), dtype,
+        )
+        for split, part in parts.items():
+            local[split - self.splits.start, : len(part)] = part
+        return jax.make_array_from_process_local_data(self.sharding, local, self.shape)
 
 
-def local_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> slice:
-    """The rows (leading axis) of a global array that this process must provide."""
-    return _local_spans(sharding, global_shape, 1)[0]
-
-
-def _local_spans(
-    sharding: NamedSharding, global_shape: tuple[int, ...], num_dims: int
-) -> tuple[slice, ...]:
-    """The block of the leading ``num_dims`` axes held by this process's devices; a
-    ``FcdError`` if they hold no single block (the mesh interleaves the processes)."""
+def _local_block(sharding: NamedSharding, global_shape: tuple[int, ...]) -> tuple[slice, slice]:
+    """The block of the two leading axes held by this process's devices; a ``FcdError`` if they
+    hold no single block (the mesh interleaves the processes)."""
+    num_dims = 2
     index_map = sharding.addressable_devices_indices_map(global_shape)
     blocks = {
         tuple(
@@ -140,29 +168,6 @@ def _local_spans(
             "side by side (--config.mesh_shape)"
         )
     return spans
-
-
-def global_array(local_data: np.ndarray, sharding: NamedSharding, global_shape: tuple[int, ...]):
-    """The global ``jax.Array`` from this process's block (``local_block``) of it."""
-    return jax.make_array_from_process_local_data(sharding, local_data, global_shape)
-
-
-def jit_stacked_step(
-    step: Callable, mesh: Mesh, state_shardings: Any, teacher_sharding: Any = None
-) -> Callable:
-    """``jax.jit`` of a vmapped train step with explicit shardings and the states donated.
-
-    The teacher's parameters are replicated; a teacher cache (``teacher_sharding``) is stacked.
-    """
-    return jax.jit(
-        step,
-        in_shardings=(
-            state_shardings, teacher_sharding or replicated(mesh), batch_sharding(mesh),
-            stacked_sharding(mesh),
-        ),
-        out_shardings=(state_shardings, stacked_sharding(mesh)),
-        donate_argnums=0,
-    )
 
 
 _JITTED: dict[Hashable, Callable] = {}

@@ -1,4 +1,7 @@
-"""Predict: score new images with a trained run, say yes/no at its threshold, draw heat maps."""
+"""Predict: score new images with a trained run, say yes/no at its threshold, draw heat maps.
+
+Needs only the scoring side (``fcd_jax.evaluate.SavedRuns``), not the trainer.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +17,9 @@ from fcd_jax import reports
 from fcd_jax.datasets.folders import IMAGE_SUFFIXES, list_image_files, load_images
 from fcd_jax.datasets.split import ArraySource
 from fcd_jax.errors import DataError, FcdError
-from fcd_jax.evaluate import score_source
-from fcd_jax.train import SavedRunScorer, read_finished, select_splits
+from fcd_jax.evaluate import SavedRuns
+from fcd_jax.input_pipeline import select_splits
+from fcd_jax.workdir import read_finished
 
 
 def expand_inputs(inputs: str) -> list[Path]:
@@ -54,20 +58,15 @@ def trained_run(config: ml_collections.ConfigDict, workdir: str) -> str:
 def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Writes predictions.csv and one heat-map PNG per input image; returns the CSV's path."""
     name = trained_run(config, workdir)
+    saved = SavedRuns.open(config, workdir)  # the config checked before any image is read
     threshold = read_finished(workdir, name)["threshold"]
     files = expand_inputs(config.predict.inputs)
     images, kept, skipped = load_images(
-        files, config.data.image_size, config.data.skip_bad_images
+        files, saved.config.data.image_size, saved.config.data.skip_bad_images
     )
     if skipped:
         logging.warning("skipped %d unreadable image(s): %s", len(skipped), ", ".join(skipped))
-    scorer = SavedRunScorer.create(config, workdir)
-    teacher_is_random = scorer.teacher_is_random
-    model = scorer.load_model(workdir, name)
-    scored = score_source(
-        scorer.score_step, scorer.teacher_params, model["params"], model["anchor"],
-        ArraySource(images), scorer.mesh, config.data.eval_batch_size, keep_maps=None,
-    )
+    scored = saved.score(name, ArraySource(images))
     output_dir = config.predict.output_dir or os.path.join(workdir, "predict")
     csv_path = reports.write_predictions(
         output_dir, [str(files[i]) for i in kept], scored.scores, threshold, scored.maps, images
@@ -77,5 +76,5 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
                  int(verdicts.sum()), len(verdicts), threshold, csv_path)
     print(json.dumps({"run": name, "csv": str(csv_path), "anomalous": int(verdicts.sum()),
                       "images": len(verdicts), "skipped": len(skipped),
-                      "random_teacher": teacher_is_random}))
+                      "random_teacher": saved.teacher_is_random}))
     return str(csv_path)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -185,7 +184,8 @@ def score_images(
     image_size: int | tuple[int, int],
 ) -> dict[str, jax.Array]:
     """From normalised NHWC images to :func:`anomaly_scores` with the ``map`` at ``image_size``
-    (pure; jit it, or call it inside a jitted step)."""
+    (pure; ``evaluate.make_score_step`` calls it inside its jitted step). ``method_config``
+    holds the block plan's indices (``networks.BlockPlan.method``)."""
     teacher_blocks = teacher_model.apply({"params": teacher_params}, images)["blocks"]
     student_blocks = student_model.apply({"params": student_params}, images)["blocks"]
     patch = student_model.patch_size
@@ -193,28 +193,4 @@ def score_images(
     return anomaly_scores(
         teacher_blocks, student_blocks, anchor, method_config,
         grid_shape=grid_shape, image_size=_image_hw(image_size),
-    )
-
-
-# Jitted :func:`score_images`. The models and ``image_size`` are static, so ``method_config``
-# must be hashable: pass ``ml_collections.FrozenConfigDict(config.method)``.
-score_batch = jax.jit(
-    score_images,
-    static_argnames=("teacher_model", "student_model", "method_config", "image_size"),
-)
-
-
-def make_score_fn(
-    teacher_model: nn.Module,
-    student_model: nn.Module,
-    method_config: Any,
-    image_size: int | tuple[int, int],
-) -> Callable[[Any, Any, jax.Array, jax.Array], dict[str, jax.Array]]:
-    """A jitted ``fn(teacher_params, student_params, anchor, images) -> anomaly_scores(...)`` from
-    normalised NHWC images to scores, ``patch_diff`` and the ``map`` at ``image_size``."""
-    return jax.jit(
-        functools.partial(
-            score_images, teacher_model, student_model,
-            method_config=method_config, image_size=image_size,
-        )
     )

@@ -1,0 +1,104 @@
+"""The experiment: every selected split of a dataset, trained in groups, checkpointed, scored,
+reported (``--mode=train_and_eval``), and the saved runs scored again (``--mode=eval``).
+
+Before anything is built or recorded, the teacher is loaded and the config reconciled with its
+spec (``fcd_jax.teacher``); that config is checked against the workdir's and recorded there
+(``fcd_jax.workdir``). Finished runs are skipped; an interrupted group resumes from its last
+orbax checkpoint and ends with the same numbers as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+from absl import logging
+
+from fcd_jax import checkpoints, workdir
+from fcd_jax.errors import FcdError
+from fcd_jax.evaluate import SavedRuns, evaluate_split, make_score_step
+from fcd_jax.group_trainer import GroupTrainer
+from fcd_jax.input_pipeline import load_split, select_splits
+from fcd_jax.networks import build_networks
+from fcd_jax.sizing import group_size_for
+from fcd_jax.teacher import load_teacher
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, directory: str) -> dict:
+    """Trains and scores every selected split, then writes results.json, results.md and plots.
+
+    Returns ``{"runs": [each run's results.json entry], "teacher_is_random": ...}``.
+    """
+    names = select_splits(config)
+    teacher = load_teacher(config, directory)
+    config = teacher.config
+    networks = build_networks(config)  # checks the block plan before anything is written
+    workdir.check_training_config(config, directory, record=True)
+    teacher_params = networks.teacher_params(teacher.params)
+    score_step = make_score_step(config, networks)
+
+    summaries = {name: workdir.read_finished(directory, name) for name in names}
+    for name, summary in summaries.items():
+        if summary is not None:
+            logging.info("run %s already finished (image AUROC %.4f): skipped", name,
+                         summary["image_auroc"])
+    # Groups are fixed by the selection, not by what is left: a group interrupted between its
+    # runs' evaluations restores its final checkpoint, since a split trained in another group
+    # would differ in the last float bits.
+    todo = [name for name in names if summaries[name] is None]
+    group_size = group_size_for(config, len(names)) if todo else 1
+    for start in range(0, len(names), group_size):
+        group = names[start: start + group_size]
+        if not set(group) & set(todo):
+            continue
+        splits = [load_split(config.data, name) for name in group]
+        with GroupTrainer(
+            config, directory, splits, [names.index(name) for name in group], teacher_params,
+            networks, group_size,
+        ) as trainer:
+            trainer.train()
+            for split, model in zip(splits, trainer.final_models(), strict=True):
+                if split.name in todo:
+                    checkpoints.save_tree(workdir.model_dir(directory, split.name), model)
+                    summaries[split.name] = finish_run(
+                        config, directory, evaluate_split(
+                            config, split, model, trainer.teacher_params, score_step,
+                            trainer.mesh, workdir.run_dir(directory, split.name),
+                        ),
+                    )
+    runs = [summaries[name] for name in names]
+    if jax.process_index() == 0:
+        workdir.write_reports(config, directory, runs, teacher.is_random)
+    return {"runs": runs, "teacher_is_random": teacher.is_random}
+
+
+def finish_run(config: ml_collections.ConfigDict, directory: str, summary: dict) -> dict:
+    """Writes a scored run's ``result.json`` (process 0) and logs its numbers."""
+    if jax.process_index() == 0:
+        workdir.write_finished(directory, summary)
+    logging.info(
+        "run %s: image AUROC %.4f, F1 %.3f at threshold %.4f%s", summary["name"],
+        summary["image_auroc"], summary["f1"], summary["threshold"],
+        "" if summary["pixel_auroc"] is None
+        else f", pixel AUROC {summary['pixel_auroc']:.4f}, PRO {summary['pro']:.4f}",
+    )
+    return summary
+
+
+def evaluate_saved(config: ml_collections.ConfigDict, directory: str) -> dict:
+    """``--mode=eval``: scores every trained run of ``directory`` again and rewrites the
+    reports."""
+    names = [name for name in select_splits(config)
+             if workdir.read_finished(directory, name) is not None]
+    if not names:
+        raise FcdError(f"no trained run in {directory}: train first (--mode=train_and_eval)")
+    saved = SavedRuns.open(config, directory)
+    runs = [
+        finish_run(saved.config, directory, evaluate_split(
+            saved.config, load_split(saved.config.data, name), saved.load_model(name),
+            saved.teacher_params, saved.score_step, saved.mesh, workdir.run_dir(directory, name),
+        ))
+        for name in names
+    ]
+    if jax.process_index() == 0:
+        workdir.write_reports(saved.config, directory, runs, saved.teacher_is_random)
+    return {"runs": runs, "teacher_is_random": saved.teacher_is_random}

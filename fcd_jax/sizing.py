@@ -1,0 +1,113 @@
+"""How much fits: device memory of the compiled train step, and how many splits train together.
+
+The numbers come from XLA's own memory analysis of the production stacked step
+(``train_step.make_stacked_step``), compiled for shapes only: ``parallel_splits="auto"`` picks the
+largest group whose step fits 90% of a device, ``train.teacher_cache="auto"`` whether the cache
+fits beside it (``fcd_jax.teacher_cache``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from fcd_jax import parallel
+from fcd_jax.errors import FcdError
+from fcd_jax.models import init_params
+from fcd_jax.networks import build_networks
+from fcd_jax.train_state import create_train_state
+from fcd_jax.train_step import make_stacked_step
+
+_STEP_MEMORY: dict[tuple[str, int, int | None], int] = {}
+
+
+def step_memory_bytes(
+    config: ml_collections.ConfigDict, num_splits: int, batch_per_device: int | None = None
+) -> int:
+    """Device memory of the stacked train step for ``num_splits`` splits on ONE device, read
+    from the compiled program's own memory analysis (arguments + outputs + temporaries, less
+    what donation aliases). Compiled once per (config, splits, batch) in a process."""
+    key = (config.to_json(), num_splits, batch_per_device)
+    if key not in _STEP_MEMORY:
+        _STEP_MEMORY[key] = _compiled_step_memory(config, num_splits, batch_per_device)
+    return _STEP_MEMORY[key]
+
+
+def _compiled_step_memory(
+    config: ml_collections.ConfigDict, num_splits: int, batch_per_device: int | None
+) -> int:
+    networks = build_networks(config)
+    size = config.data.image_size
+    batch = batch_per_device or config.data.batch_size
+    teacher_shapes = jax.eval_shape(lambda: init_params(networks.teacher, size, jax.random.key(0)))
+
+    def init(index):
+        pos_embedding = jnp.zeros(teacher_shapes["pos_embedding"].shape, jnp.float32)
+        return create_train_state(
+            config, pos_embedding, networks, jax.random.fold_in(jax.random.key(0), index), 1
+        )
+
+    states = jax.eval_shape(jax.vmap(init), jnp.arange(num_splits))
+    images = jax.ShapeDtypeStruct((num_splits, batch, size, size, 3), jnp.uint8)
+    step = jax.jit(make_stacked_step(config, networks), donate_argnums=0)
+    analysis = step.lower(states, teacher_shapes, images).compile().memory_analysis()
+    return int(
+        analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+        + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes
+    )
+
+
+def device_memory_bytes() -> int:
+    """Memory of one device: the allocator's limit on GPU/TPU, half the host RAM on CPU."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+def group_size_for(config: ml_collections.ConfigDict, num_splits: int) -> int:
+    """How many splits train together: ``parallel_splits`` as an int, or "auto" (see
+    :func:`auto_parallel_splits`: the most that fit the device memory)."""
+    value = str(config.parallel_splits).strip()
+    if value == "auto":
+        return auto_parallel_splits(config, num_splits)
+    if not value.isdigit() or int(value) < 1:
+        raise FcdError(f"parallel_splits={value!r}: use 'auto' or a positive integer")
+    return min(int(value), num_splits)
+
+
+def auto_parallel_splits(config: ml_collections.ConfigDict, num_splits: int) -> int:
+    """The largest group of splits whose train step fits the device memory (90% of it).
+
+    Memory grows linearly in the splits per device: compile for one and two, extrapolate.
+    """
+    num_devices = jax.device_count()
+    split_axis, data_axis = (
+        tuple(config.mesh_shape) or parallel.choose_mesh_shape(
+            num_splits, config.data.batch_size, num_devices
+        )
+    )
+    batch_per_device = max(config.data.batch_size // data_axis, 1)
+    one = step_memory_bytes(config, 1, batch_per_device)
+    two = step_memory_bytes(config, 2, batch_per_device)
+    per_split = max(two - one, 1)
+    fits_per_device = int((0.9 * device_memory_bytes() - (one - per_split)) // per_split)
+    if fits_per_device < 1:
+        raise FcdError(
+            f"one split needs {one / 2**30:.1f} GiB per device, more than the device has: lower "
+            "--config.data.batch_size, use --config.model.remat=True or more devices on 'data'"
+        )
+    group = min(num_splits, fits_per_device * split_axis)
+    # Every process must train the same groups: process 0's measurement decides.
+    group = int(multihost_utils.broadcast_one_to_all(np.int32(group)))
+    logging.info(
+        "parallel_splits=auto: %.2f GiB per split, %.2f GiB fixed, %d of %d splits at once",
+        per_split / 2**30, (one - per_split) / 2**30, group, num_splits,
+    )
+    return group

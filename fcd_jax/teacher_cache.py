@@ -1,0 +1,142 @@
+"""The teacher cache: the frozen teacher's features of every training image, computed once.
+
+The teacher is frozen and the step has no augmentation, so its features (``train_step.
+teacher_features``: the blocks the losses read) of a training image are the same at every step.
+A group whose images are seen more than once can compute them once, keep them on the devices of
+their split, and run the step that reads them instead of the teacher (a quarter of its FLOPs):
+the very same numbers. ``train.teacher_cache``: "on", "off", or "auto" (:func:`use_teacher_cache`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
+
+from fcd_jax import parallel, sizing
+from fcd_jax.datasets.split import ImageSource
+from fcd_jax.errors import FcdError
+from fcd_jax.networks import Networks
+from fcd_jax.preprocessing import preprocess
+from fcd_jax.train_step import teacher_features
+
+SETTINGS = ("auto", "on", "off")
+
+
+def cache_length(sources: Sequence[ImageSource], batch_size: int) -> int:
+    """Images per split in the cache: the largest training set, in whole batches."""
+    return -(-max(len(source) for source in sources) // batch_size) * batch_size
+
+
+def cached_features(
+    config: ml_collections.ConfigDict, networks: Networks, teacher_params: dict, images: jax.Array
+) -> jax.Array:
+    """What the cache holds for uint8 ``images``: their preprocessed ``teacher_features``."""
+    return teacher_features(teacher_params, preprocess(images, config.data), networks)
+
+
+def image_features(
+    config: ml_collections.ConfigDict, networks: Networks, teacher_params: dict,
+    image_shape: tuple[int, ...],
+) -> jax.ShapeDtypeStruct:
+    """Shape and dtype of one image's cache entry, ``[L, tokens, width]`` (nothing computed)."""
+    features = jax.eval_shape(
+        functools.partial(cached_features, config, networks), teacher_params,
+        jax.ShapeDtypeStruct((1, *image_shape), jnp.uint8),
+    )
+    return jax.ShapeDtypeStruct((features.shape[0], *features.shape[2:]), features.dtype)
+
+
+def cache_bytes(per_image: jax.ShapeDtypeStruct, splits_per_device: int, length: int) -> int:
+    """Device memory per device of a cache of ``length`` images for each of its splits."""
+    return (splits_per_device * length * math.prod(per_image.shape)
+            * jnp.dtype(per_image.dtype).itemsize)
+
+
+def use_teacher_cache(
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, num_stacked: int,
+    images_seen: int, largest_set: int, bytes_per_device: int,
+) -> bool:
+    """``train.teacher_cache``: "on", "off", or "auto" = when the group sees its training
+    images more than once (``images_seen`` per split > ``largest_set``) and the train step (XLA's
+    memory analysis, as for ``parallel_splits="auto"``) and the cache together fit 90% of a
+    device's memory. Every process takes process 0's decision, so all run the same program."""
+    setting = str(config.train.teacher_cache)
+    if setting not in SETTINGS:
+        raise FcdError(f"train.teacher_cache={setting!r}: use 'auto', 'on' or 'off'")
+    use = setting == "on"
+    if setting == "auto":
+        if images_seen > largest_set:
+            step = sizing.step_memory_bytes(
+                config, num_stacked // mesh.shape[parallel.SPLIT],
+                config.data.batch_size // mesh.shape[parallel.DATA],
+            )
+            use = step + bytes_per_device <= 0.9 * sizing.device_memory_bytes()
+        use = bool(multihost_utils.broadcast_one_to_all(np.bool_(use)))
+    logging.info(
+        "teacher cache %s (train.teacher_cache=%s): %.2f GiB per device",
+        "on" if use else "off", setting, bytes_per_device / 2**30,
+    )
+    return use
+
+
+def fill_teacher_cache(
+    config: ml_collections.ConfigDict,
+    networks: Networks,
+    teacher_params: dict,
+    sources: Sequence[ImageSource],
+    mesh: jax.sharding.Mesh,
+    num_stacked: int,
+) -> jax.Array:
+    """The teacher's features of every image of every source (a split's training images), on
+    the devices of its split: ``[num_stacked, N, L, tokens, width]``, N = :func:`cache_length`,
+    image ``i`` of split ``s`` at ``[s, i]`` (padding rows and splits: features of zero images).
+
+    Computed batch by batch, each process loading its block of each batch.
+    """
+    batch = config.data.batch_size
+    length = cache_length(sources, batch)
+    layout = parallel.GlobalBatch(
+        parallel.batch_sharding(mesh), (num_stacked, batch, *sources[0].image_shape)
+    )
+    per_image = image_features(config, networks, teacher_params, sources[0].image_shape)
+    stacked = parallel.stacked_sharding(mesh)
+
+    def fill_batch(cache, teacher_params, images, start):
+        new = jax.vmap(functools.partial(cached_features, config, networks, teacher_params))(images)
+        return jax.lax.dynamic_update_slice_in_dim(cache, jnp.swapaxes(new, 1, 2), start, 1)
+
+    fill = parallel.jit_once(
+        ("cache", ml_collections.FrozenConfigDict(config), networks, mesh),
+        lambda: jax.jit(
+            fill_batch, in_shardings=(stacked, parallel.replicated(mesh), layout.sharding, None),
+            out_shardings=stacked, donate_argnums=0,
+        ),
+    )
+    cache_shape = (num_stacked, length, *per_image.shape)
+    zeros = parallel.jit_once(
+        ("cache_zeros", cache_shape, per_image.dtype, mesh),
+        lambda: jax.jit(functools.partial(jnp.zeros, cache_shape, per_image.dtype),
+                        out_shardings=stacked),
+    )
+    cache = zeros()
+    local_sources = range(layout.splits.start, min(layout.splits.stop, len(sources)))
+    for start in tqdm(
+        range(0, length, batch), desc="teacher cache", unit="batch", leave=False,
+        disable=jax.process_index() != 0, dynamic_ncols=True,
+    ):
+        wanted = np.arange(start + layout.rows.start, start + layout.rows.stop)
+        parts = {
+            split: sources[split].get_batch(wanted[wanted < len(sources[split])])
+            for split in local_sources
+        }
+        cache = fill(cache, teacher_params, layout.assemble(parts), np.int32(start))
+    return cache

@@ -1,0 +1,140 @@
+"""The workdir: where each run's files go, the finished runs' results, the reports over all runs,
+and the training config the workdir was made with.
+
+Layout: ``runs/<name>/`` (``result.json``, ``scores.npz``, ``heatmaps.png``, the trained
+``model/``), ``checkpoints/<group>/`` (orbax, per group of splits trained together),
+``tensorboard/<name>/``, and at the top ``training_config.json``, ``results.json``,
+``results.md`` and the plots.
+
+A rerun of the same command resumes from its checkpoints and skips finished runs. With a changed
+config that would silently continue (or keep) the old training: instead the config fields that
+change what is trained are written to ``training_config.json`` on the first run and compared on
+every later one (:func:`check_training_config`). The config checked is the one reconciled with the
+teacher (``fcd_jax.teacher``), so what is recorded is what ran.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from fcd_jax import reports
+from fcd_jax.errors import ConfigError
+
+TRAINING_CONFIG = "training_config.json"
+RESULT_JSON = "result.json"
+SCORES_NPZ = "scores.npz"
+
+# Fields that change nothing that is trained: run selection, file locations, speed and memory
+# settings (same numbers), logging, and what happens after training (scoring, predict).
+NOT_TRAINING = (
+    "splits", "data.data_dir", "data.download", "data.eval_batch_size", "model.scan_layers",
+    "model.remat", "model.attention_implementation", "teacher.cache_dir", "method.top_k",
+    "method.image_score", "method.map_sigma", "train.log_every", "train.checkpoint_every",
+    "train.teacher_cache", "eval", "predict", "mesh_shape", "parallel_splits", "per_dataset",
+)
+
+
+def file_name(run_name: str) -> str:
+    """A run name as a file name: ``T-shirt/top`` -> ``T-shirt_top``."""
+    return run_name.replace("/", "_")
+
+
+def run_dir(workdir: str, name: str) -> str:
+    return os.path.join(workdir, "runs", file_name(name))
+
+
+def model_dir(workdir: str, name: str) -> str:
+    """The trained ``{"params", "anchor"}`` of run ``name`` (``checkpoints.save_tree``)."""
+    return os.path.join(run_dir(workdir, name), "model")
+
+
+def tensorboard_dir(workdir: str, name: str) -> str:
+    return os.path.join(workdir, "tensorboard", file_name(name))
+
+
+def checkpoint_dir(workdir: str, names: list[str]) -> str:
+    """The orbax checkpoints of the group of splits ``names`` trained together."""
+    group = "+".join(names)
+    if len(group) > 80:
+        group = f"{names[0]}+{len(names) - 1}_more"
+    return os.path.join(workdir, "checkpoints", file_name(group))
+
+
+def read_finished(workdir: str, name: str) -> dict | None:
+    """The ``results.json`` entry of a run that finished earlier, or None."""
+    path = os.path.join(run_dir(workdir, name), RESULT_JSON)
+    if not os.path.exists(path):
+        return None
+    with open(path) as file:
+        return json.load(file)
+
+
+def write_finished(workdir: str, summary: dict) -> None:
+    path = os.path.join(run_dir(workdir, summary["name"]), RESULT_JSON)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    reports.write_atomically(path, json.dumps(summary, indent=2))
+
+
+def write_reports(
+    config: ml_collections.ConfigDict, workdir: str, runs: list[dict], teacher_is_random: bool
+) -> dict:
+    """results.json, results.md, ROC curves and score histograms over every run."""
+    results = reports.write_results(workdir, config.data.name, config, runs, teacher_is_random)
+    arrays = [
+        reports.load_run_arrays(os.path.join(run_dir(workdir, run["name"]), SCORES_NPZ))
+        for run in runs
+    ]
+    reports.plot_roc_curves(os.path.join(workdir, reports.ROC_PNG), arrays)
+    reports.plot_score_histograms(os.path.join(workdir, reports.HISTOGRAMS_PNG), arrays)
+    return results
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def training_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config fields that change what is trained, dotted names to JSON values."""
+    fields = flatten(json.loads(config.to_json()))
+    return {
+        name: value for name, value in sorted(fields.items())
+        if not any(name == skip or name.startswith(skip + ".") for skip in NOT_TRAINING)
+    }
+
+
+def check_training_config(
+    config: ml_collections.ConfigDict, workdir: str, record: bool = True
+) -> None:
+    """One ``ConfigError`` line if ``workdir`` was trained with another training config (nothing
+    in it is touched); else, with ``record``, writes the config there if it is not yet."""
+    path = os.path.join(workdir, TRAINING_CONFIG)
+    fields = training_fields(config)
+    if os.path.exists(path):
+        with open(path) as file:
+            recorded = json.load(file)
+        changed = [
+            f"{name} {recorded.get(name, '(unset)')!r} -> {fields.get(name, '(unset)')!r}"
+            for name in sorted(set(recorded) | set(fields))
+            if recorded.get(name) != fields.get(name)
+        ]
+        if changed:
+            shown = "; ".join(changed[:4]) + (f"; {len(changed) - 4} more" if changed[4:] else "")
+            raise ConfigError(
+                f"{workdir} holds runs trained with another config ({shown}): use a new "
+                f"--workdir, or delete {workdir} to train afresh"
+            )
+        return
+    if record and jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        reports.write_atomically(path, json.dumps(fields, indent=1))
