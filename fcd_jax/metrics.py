@@ -191,11 +191,6 @@ def precision_recall_f1(scores: ArrayLike, labels: ArrayLike, threshold: float) 
     return dict(precision=precision, recall=recall, f1=f1)
 
 
-def f1_at_threshold(scores: ArrayLike, labels: ArrayLike, threshold: float) -> float:
-    """F1 of the decision "anomalous iff score >= threshold" (anomalous is positive)."""
-    return precision_recall_f1(scores, labels, threshold)["f1"]
-
-
 def summarise_run(
     name: str,
     scores: ArrayLike,

@@ -53,8 +53,11 @@ def tiny_flags(**overrides) -> list[str]:
 
 
 def tiny_config(base: str = "demo", arg: str | None = None, **overrides):
-    """``configs/<base>.py`` with the tiny model (and any overrides, dotted names)."""
+    """``configs/<base>.py`` with the tiny model (and any overrides, dotted names), reconciled
+    with a random teacher."""
     import importlib
+
+    from fcd_jax.teacher import reconcile
 
     config = importlib.import_module(f"configs.{base}").get_config(arg)
     for name, value in {**TINY_OVERRIDES, **overrides}.items():
@@ -63,7 +66,7 @@ def tiny_config(base: str = "demo", arg: str | None = None, **overrides):
         for parent in parents:
             node = node[parent]
         node[leaf] = value
-    return config
+    return reconcile(config, None)
 
 
 # --- The checks (run only in the 8-device subprocess) -------------------------------------------
@@ -102,70 +105,64 @@ def count_lowerings() -> int:
 
 
 def teacher_for(config):
+    """(a random teacher's parameters, cut to the networks' teacher; the networks)."""
     import jax
 
-    from fcd_jax import train
+    from fcd_jax.models import init_params
+    from fcd_jax.networks import build_networks
 
-    teacher_model, student_model = train.build_models(config)
-    init = jax.jit(lambda key: train.init_params(teacher_model, config.data.image_size, key))
-    return init(jax.random.key(1)), teacher_model, student_model
+    networks = build_networks(config)
+    init = jax.jit(lambda key: init_params(networks.teacher, config.data.image_size, key))
+    return init(jax.random.key(1)), networks
 
 
 def check_data_parallel(config) -> dict:
-    """The stacked step of one split on one device and data-parallel on 8: same states."""
-    import chex
+    """The production stacked step of one split on one device and data-parallel on 8: same
+    states; compiled once per shape."""
     import jax
     import numpy as np
 
-    from fcd_jax import parallel, train
+    from fcd_jax import parallel
     from fcd_jax.input_pipeline import load_split, train_batches
+    from fcd_jax.train_state import init_stacked_states
+    from fcd_jax.train_step import stacked_train_step
 
-    teacher_params, teacher_model, student_model = teacher_for(config)
+    teacher_params, networks = teacher_for(config)
     split = load_split(config.data, "0")
     batches = train_batches(split.train_images, config.data.batch_size, seed=0)
     batches = [next(batches)[None] for _ in range(3)]  # [1, B, h, w, c]
     out = {}
     for name, devices in (("one_device", jax.devices()[:1]), ("eight_devices", jax.devices())):
         mesh = parallel.make_mesh(1, config.data.batch_size, (1, len(devices)), devices)
-        states = train.init_stacked_states(
-            config, teacher_params["pos_embedding"], student_model, np.array([0]),
-            np.array([10]), mesh,
+        states = init_stacked_states(
+            config, teacher_params["pos_embedding"], networks, np.array([0]), np.array([10]),
+            mesh,
         )
-        stacked_step = train.make_stacked_train_step(config, teacher_model, student_model)
-        chex.clear_trace_counter()  # chex counts by source location: a fresh count per mesh
-
-        @chex.assert_max_traces(n=1)
-        def step(*args, stacked_step=stacked_step):  # chex wraps no vmapped function itself
-            return stacked_step(*args)
-
-        step_fn = parallel.jit_stacked_step(step, mesh, parallel.stacked_sharding(mesh))
+        step_fn = stacked_train_step(config, networks, mesh)
         teacher = jax.device_put(teacher_params, parallel.replicated(mesh))
-        active = jax.device_put(np.ones(1, bool), parallel.stacked_sharding(mesh))
+        layout = parallel.GlobalBatch(parallel.batch_sharding(mesh), batches[0].shape)
         losses = []
         for batch in batches:
-            images = parallel.global_array(batch, parallel.batch_sharding(mesh), batch.shape)
-            states, metrics = step_fn(states, teacher, images, active)
+            images = layout.assemble({0: batch[0]})
+            states, metrics = step_fn(states, teacher, images)
             losses.append(float(metrics["loss"][0]))
         out[name] = {"states": jax.device_get(states), "losses": losses}
         out[name + "_param_sharding"] = str(jax.tree.leaves(states.params)[0].sharding.spec)
-    wider = np.concatenate([batches[0], batches[0]], axis=1)  # another shape: a second trace
-    try:
-        step_fn(states, teacher, jax.device_put(wider, parallel.batch_sharding(mesh)), active)
-        retrace_caught = False
-    except AssertionError:
-        retrace_caught = True
+    compilations = step_fn._cache_size()
+    wider = np.concatenate([batches[0], batches[0]], axis=1)  # another shape: a second program
+    step_fn(states, teacher, jax.device_put(wider, parallel.batch_sharding(mesh)))
     one, eight = out["one_device"]["states"], out["eight_devices"]["states"]
     return {
         "max_state_diff": max_abs_diff(one, eight),
         "max_diff_by_field": {
             field: max_abs_diff(getattr(one, field), getattr(eight, field))
-            for field in ("params", "anchor", "num_seen")
+            for field in ("params", "anchor", "step")
         },
         "losses_one_device": out["one_device"]["losses"],
         "losses_eight_devices": out["eight_devices"]["losses"],
         "steps_taken": int(out["eight_devices"]["states"].step[0]),
         "param_sharding": out["eight_devices_param_sharding"],
-        "retrace_caught": retrace_caught,
+        "compilations": [compilations, step_fn._cache_size()],
     }
 
 
@@ -176,10 +173,10 @@ def check_group_vs_sequential(config, workdir: Path) -> dict:
 
     import numpy as np
 
-    from fcd_jax import train
+    from fcd_jax.group_trainer import GroupTrainer
     from fcd_jax.input_pipeline import load_split
 
-    teacher_params, teacher_model, student_model = teacher_for(config)
+    teacher_params, networks = teacher_for(config)
     names = ["0", "1", "2"]
     splits = [load_split(config.data, name) for name in names]
     splits = [
@@ -191,12 +188,12 @@ def check_group_vs_sequential(config, workdir: Path) -> dict:
 
     def trained(group: list[int], directory: str):
         start, lowerings = time.perf_counter(), count_lowerings()
-        trainer = train.GroupTrainer(
+        with GroupTrainer(
             config, str(workdir / directory), [splits[i] for i in group], group,
-            teacher_params, teacher_model, student_model,
-        )
-        trainer.train()
-        models = trainer.final_models()
+            teacher_params, networks,
+        ) as trainer:
+            trainer.train()
+            models = trainer.final_models()
         return trainer, models, time.perf_counter() - start, count_lowerings() - lowerings
 
     group, group_models, group_seconds, _ = trained([0, 1, 2], "group")
@@ -228,7 +225,8 @@ def check_twenty_splits(workdir: Path) -> dict:
     import numpy as np
     import tensorflow_datasets as tfds
 
-    from fcd_jax import train
+    from fcd_jax import experiment
+    from fcd_jax.group_trainer import GroupTrainer
 
     config = tiny_config(
         "cifar100_super", "runlocal",
@@ -238,18 +236,18 @@ def check_twenty_splits(workdir: Path) -> dict:
     config.teacher.init = "random"
     config.parallel_splits = "20"
     trainers = []
-    original_train = train.GroupTrainer.train
+    original_train = GroupTrainer.train
 
     def recording_train(self):
         trainers.append(self)
         original_train(self)
 
-    train.GroupTrainer.train = recording_train
+    GroupTrainer.train = recording_train
     try:
         with tfds.testing.mock_data(num_examples=160):
-            result = train.train_and_evaluate(config, str(workdir))
+            result = experiment.train_and_evaluate(config, str(workdir))
     finally:
-        train.GroupTrainer.train = original_train
+        GroupTrainer.train = original_train
     (trainer,) = trainers
     steps = np.asarray(trainer.states.step)
     results = json.loads((workdir / "results.json").read_text())

@@ -2,9 +2,9 @@
 CIFAR-10, CIFAR-100 superclasses and Fashion-MNIST on ``tfds.testing.mock_data``, MVTec AD on a
 generated MVTec-style folder (issue 5, "Must show").
 
-Splits train two at a time, as in ``test_main``, whose persistent compilation cache this file
-shares: the 32-px configs then share the stacked init and score programs (a train step differs
-only where the learning rate does).
+Splits train two at a time, as in ``test_main``, with the same persistent compilation cache
+(``conftest.shared_compilation_cache``): the 32-px configs then share the stacked init and score
+programs (a train step differs only where the learning rate does).
 """
 
 import importlib
@@ -16,10 +16,10 @@ import pytest
 import tensorflow_datasets as tfds
 from fixtures import make_mvtec_folder
 from PIL import Image
-from test_main import shared_compilation_cache
 
-from fcd_jax import paper_results, train
+from fcd_jax import experiment, paper_results
 from fcd_jax.datasets import tfds_one_class
+from fcd_jax.input_pipeline import select_splits
 
 pytestmark = pytest.mark.slow
 
@@ -29,9 +29,8 @@ PARALLEL_SPLITS = 2  # as test_main: one stacked program for every 32-px run her
 
 
 @pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    with shared_compilation_cache(tmp_path_factory):
-        yield
+def compilation_cache(shared_compilation_cache):
+    return shared_compilation_cache
 
 
 def paper_config(name: str, parallel_splits: int):
@@ -80,7 +79,7 @@ def test_tfds_paper_config_runs_one_step_per_split(config_name, dataset, names, 
     tfds_one_class.read_split.cache_clear()  # no records cached by another test's mock
     try:
         with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
-            outcome = train.train_and_evaluate(config, str(tmp_path))
+            outcome = experiment.train_and_evaluate(config, str(tmp_path))
     finally:
         tfds_one_class.read_split.cache_clear()
     assert outcome["teacher_is_random"]
@@ -95,11 +94,11 @@ def test_mvtec_config_runs_one_step_per_category(tmp_path):
     root = make_mvtec_folder(tmp_path / "mvtec_ad", categories=MVTEC_SUBSET, n_train=4)
     config = paper_config("mvtec", PARALLEL_SPLITS)
     config.data.root = str(root)
-    assert train.select_splits(config) == list(paper_results.MVTEC_CATEGORIES)
+    assert select_splits(config) == list(paper_results.MVTEC_CATEGORIES)
     config.splits = ",".join(MVTEC_SUBSET)
     config.eval.max_heatmaps = 2
     workdir = tmp_path / "run"
-    train.train_and_evaluate(config, str(workdir))
+    experiment.train_and_evaluate(config, str(workdir))
     written = check_one_step_per_split(workdir, MVTEC_SUBSET, "mvtec", PARALLEL_SPLITS)
     for run in written["runs"]:
         assert run["n_test"] == 7

@@ -3,13 +3,19 @@
 import itertools
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from fixtures import default_data_config
 
 from fcd_jax import input_pipeline
-from fcd_jax.errors import DataError
+from fcd_jax.errors import DataError, FcdError
 from fcd_jax.input_pipeline import ArraySource
+from fcd_jax.preprocessing import preprocess
+
+
+def data(image_size, mean, std):
+    return ml_collections.ConfigDict(dict(image_size=image_size, mean=mean, std=std))
 
 
 def numbered_source(n: int, size: int = 2) -> ArraySource:
@@ -122,9 +128,7 @@ def _bilinear_reference(images: np.ndarray, size: int) -> np.ndarray:
 def test_preprocess_matches_numpy_reference():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(2, 8, 8, 3), dtype=np.uint8)
-    got = np.asarray(
-        jax.jit(input_pipeline.preprocess, static_argnums=(1, 2, 3))(images, 16, 0.5, 0.5)
-    )
+    got = np.asarray(jax.jit(lambda x: preprocess(x, data(16, 0.5, 0.5)))(images))
     want = (_bilinear_reference(images, 16) / 255.0 - 0.5) / 0.5
     assert got.dtype == np.float32 and got.shape == (2, 16, 16, 3)
     np.testing.assert_allclose(got, want, atol=1e-5)
@@ -133,23 +137,15 @@ def test_preprocess_matches_numpy_reference():
 def test_preprocess_gray_to_three_channels_and_per_channel_stats():
     gray = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4, 1) * 7
     mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 2.0)
-    got = np.asarray(input_pipeline.preprocess(gray, 4, mean, std))
+    got = np.asarray(preprocess(gray, data(4, mean, std)))
     x = gray.astype(np.float64) / 255.0
     want = np.concatenate([(x - m) / s for m, s in zip(mean, std, strict=True)], axis=-1)
     np.testing.assert_allclose(got, want, atol=1e-6)
     np.testing.assert_allclose(
-        np.asarray(input_pipeline.preprocess(gray[..., 0], 4, 0.5, 0.5)),
+        np.asarray(preprocess(gray[..., 0], data(4, 0.5, 0.5))),
         (np.repeat(x, 3, -1) - 0.5) / 0.5,
         atol=1e-6,
     )
-
-
-def test_preprocess_masks_nearest():
-    masks = np.random.default_rng(1).integers(0, 2, size=(2, 4, 4), dtype=np.uint8)
-    got = np.asarray(input_pipeline.preprocess_masks(masks, 8))
-    np.testing.assert_array_equal(got, masks.repeat(2, axis=1).repeat(2, axis=2))
-    shrunk = np.asarray(input_pipeline.preprocess_masks(masks.repeat(2, 1).repeat(2, 2), 4))
-    np.testing.assert_array_equal(shrunk, masks)
 
 
 def test_prefetch_yields_everything_and_reraises():
@@ -161,6 +157,16 @@ def test_prefetch_yields_everything_and_reraises():
 
     with pytest.raises(RuntimeError, match="boom"):
         list(input_pipeline.prefetch(broken()))
+
+
+def test_select_splits_keeps_the_datasets_order_and_names_unknown_ones():
+    config = ml_collections.ConfigDict(dict(data=default_data_config(name="digits"), splits="all"))
+    assert input_pipeline.select_splits(config) == [str(digit) for digit in range(10)]
+    config.splits = " 7, 3"
+    assert input_pipeline.select_splits(config) == ["7", "3"]
+    config.splits = "3,x"
+    with pytest.raises(FcdError, match=r"unknown split\(s\) x for dataset digits: choose from 0"):
+        input_pipeline.select_splits(config)
 
 
 def test_unknown_dataset_and_run_are_one_line_errors():

@@ -7,7 +7,6 @@ codes) runs in subprocesses; the rest calls ``fcd_jax.main.run`` in this process
 config. Every process shares one persistent JAX compilation cache, so each program compiles once.
 """
 
-import contextlib
 import csv
 import json
 import logging
@@ -19,18 +18,17 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 from fixtures import make_mvtec_folder
-from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
 
 from configs import folder
+from fcd_jax import experiment
 from fcd_jax import main as fcd_main
-from fcd_jax import train
 from fcd_jax.errors import ConfigError, FcdError, TrainingError
-from fcd_jax.workdir_config import check_workdir_config
+from fcd_jax.teacher import reconcile
+from fcd_jax.workdir import check_training_config
 
 pytestmark = pytest.mark.slow
 
@@ -47,36 +45,11 @@ OVERRIDES = {
     "eval.max_heatmaps": 4,
 }
 RESULT_KEYS = {"name", "image_auroc", "n_test", "threshold", "f1", "pixel_auroc", "pro"}
-CACHE_OPTIONS = {
-    "jax_compilation_cache_dir": None,  # set per session
-    "jax_persistent_cache_min_compile_time_secs": 0,
-    "jax_persistent_cache_min_entry_size_bytes": -1,
-}
-
-
-@contextlib.contextmanager
-def shared_compilation_cache(tmp_path_factory):
-    """JAX's persistent compilation cache in one directory per test session, for this process
-    (restored on exit) and for subprocesses (the environment it yields)."""
-    directory = str(tmp_path_factory.getbasetemp() / "jax_compilation_cache")
-    options = dict(CACHE_OPTIONS, jax_compilation_cache_dir=directory)
-    before = {name: getattr(jax.config, name) for name in options}
-    for name, value in options.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
-    try:
-        yield {name.upper(): str(value) for name, value in options.items()}
-    finally:
-        for name, value in before.items():
-            jax.config.update(name, value)
-        compilation_cache.reset_cache()
-
-
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(shared_compilation_cache):
     """The subprocesses' environment; this process uses the same compilation cache meanwhile."""
-    with shared_compilation_cache(tmp_path_factory) as cache_env:
-        yield dict(os.environ, OMP_WAIT_POLICY="PASSIVE", JAX_PLATFORMS="cpu", **cache_env)
+    return dict(os.environ, OMP_WAIT_POLICY="PASSIVE", JAX_PLATFORMS="cpu",
+                **shared_compilation_cache)
 
 
 @pytest.fixture(scope="module")
@@ -266,8 +239,8 @@ def forbidden(*args, **kwargs):
 def test_rerun_skips_finished_runs(data_root, trained, monkeypatch, caplog):
     files = mtimes(trained / "runs")
     before = results(trained)
-    monkeypatch.setattr(train, "GroupTrainer", forbidden)
-    monkeypatch.setattr(train, "evaluate_split", forbidden)
+    monkeypatch.setattr(experiment, "GroupTrainer", forbidden)
+    monkeypatch.setattr(experiment, "evaluate_split", forbidden)
     with caplog.at_level(logging.INFO):
         fcd_main.run(folder_config(data_root), str(trained), "train_and_eval")
     for name in CATEGORIES:
@@ -346,10 +319,10 @@ def test_rerun_with_another_training_config_is_one_clear_error(data_root, traine
             assert fragment in message, message
     assert files() == before  # nothing written, nothing resumed
     # Settings that change nothing that is trained may change between runs.
-    check_workdir_config(folder_config(
+    check_training_config(reconcile(folder_config(
         data_root, train__log_every=7, train__teacher_cache="off", parallel_splits="1",
         model__scan_layers=False, method__top_k=3, eval__threshold_quantile=0.9,
-    ), str(trained))
+    ), None), str(trained))
 
 
 def test_cli_error_is_one_line_with_exit_code_2(env, tmp_path):
@@ -399,7 +372,7 @@ def test_comma_separated_datasets_run_in_turn_in_their_own_workdirs(monkeypatch,
     def record(config, workdir):
         calls.append((config.data.name, workdir))
 
-    monkeypatch.setattr(train, "train_and_evaluate", record)
+    monkeypatch.setattr(experiment, "train_and_evaluate", record)
     config = folder.get_config("runlocal")
     config.data.name = "cifar10, fashion_mnist"
     fcd_main.run(config, str(tmp_path), "train_and_eval")

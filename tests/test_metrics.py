@@ -193,9 +193,7 @@ def test_precision_recall_f1_by_hand():
     # threshold 0.35 flags 0.4, 0.35 (>= is anomalous) and 0.8: tp 2, fp 1, fn 1.
     result = metrics.precision_recall_f1(scores, labels, 0.35)
     assert result == pytest.approx(dict(precision=2 / 3, recall=2 / 3, f1=2 / 3))
-    assert metrics.f1_at_threshold(scores, labels, 0.35) == pytest.approx(
-        sk_metrics.f1_score(labels, scores >= 0.35)
-    )
+    assert result["f1"] == pytest.approx(sk_metrics.f1_score(labels, scores >= 0.35))
     # threshold 0.1 flags all: tp 3, fp 2 -> precision 3/5, recall 1, F1 2 * 3 / (5 + 3).
     assert metrics.precision_recall_f1(scores, labels, 0.1) == pytest.approx(
         dict(precision=0.6, recall=1.0, f1=0.75)
@@ -216,7 +214,7 @@ def test_summarise_run_is_json_safe_and_consistent():
     assert json.loads(json.dumps(summary)) == summary
     assert summary["name"] == "bottle" and summary["n_test"] == 6 and summary["n_anomalous"] == 5
     assert summary["image_auroc"] == metrics.image_auroc(scores, labels)
-    assert summary["f1"] == metrics.f1_at_threshold(scores, labels, 1.2)
+    assert summary["f1"] == metrics.precision_recall_f1(scores, labels, 1.2)["f1"]
     assert summary["pro"] == metrics.pro_score(maps, masks)
     assert summary["pixel_auroc"] == metrics.pixel_auroc(maps, masks)
     no_pixels = metrics.summarise_run("cat", scores, labels, 1.2)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scale_checks import FAST_COMPILE_XLA_FLAGS, tiny_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch" / "local_multiprocess.sh"
@@ -26,14 +25,16 @@ def read_runs(workdir: Path) -> dict[str, dict]:
 
 
 @pytest.mark.slow
-def test_two_processes_report_what_one_process_reports(tmp_path):
+def test_two_processes_report_what_one_process_reports(
+    tmp_path, tiny_flags, fast_compile_xla_flags
+):
     # The teacher cache too: each process fills its block of it.
     flags = tiny_flags(splits=",".join(SPLITS), parallel_splits=3, **{"train.teacher_cache": "on"})
     env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_WAIT_POLICY="PASSIVE")
     multi = subprocess.Popen(
         ["bash", str(LAUNCH), "2", *flags, f"--workdir={tmp_path / 'multi'}"],
         env=dict(
-            env, XLA_FLAGS=FAST_COMPILE_XLA_FLAGS, FCD_DEVICES_PER_PROCESS="2",
+            env, XLA_FLAGS=fast_compile_xla_flags, FCD_DEVICES_PER_PROCESS="2",
             FCD_LOG_DIR=str(tmp_path / "logs"), PYTHON=sys.executable,
         ),
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -41,7 +42,7 @@ def test_two_processes_report_what_one_process_reports(tmp_path):
     single = subprocess.Popen(  # at the same time: the machine's cores are shared anyway
         [sys.executable, "-m", "fcd_jax.main", *flags, f"--workdir={tmp_path / 'single'}"],
         env=dict(
-            env, XLA_FLAGS=f"{FAST_COMPILE_XLA_FLAGS} --xla_force_host_platform_device_count=4"
+            env, XLA_FLAGS=f"{fast_compile_xla_flags} --xla_force_host_platform_device_count=4"
         ),
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from fcd_jax import scoring
+from fcd_jax import evaluate, scoring
 from fcd_jax.errors import FcdError
-from fcd_jax.models import build_vit
+from fcd_jax.networks import build_networks
+from fcd_jax.preprocessing import preprocess
 
 
 def method_config(layers, anchor_layers, top_k, image_score="paper", map_sigma=1.5):
@@ -156,46 +157,36 @@ def test_gaussian_blur_matches_scipy_reflect(sigma):
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
-def test_make_score_fn_runs_a_tiny_vit_end_to_end():
-    model_config = ml_collections.ConfigDict(
-        dict(variant="Ti/4", width=32, depth=4, num_heads=2, mlp_dim=64)
-    )
-    teacher_model = build_vit(model_config, depth=4)
-    student_model = build_vit(model_config)
+def test_score_step_runs_a_tiny_vit_end_to_end(tiny_config):
+    """The production score step, uint8 images in: eqs. 7-10 on the ViTs' blocks."""
+    config = tiny_config(layers=(1, 3), anchor_layers=(3,), top_k=5, map_sigma=2.0)
+    networks = build_networks(config)
     rng = np.random.default_rng(6)
-    images = jnp.asarray(rng.normal(size=(3, 16, 16, 3)), jnp.float32)
+    images = rng.integers(0, 256, size=(1, 3, 16, 16, 3), dtype=np.uint8)
     # Random parameters of the right shapes, without compiling the initialisers.
-    shapes = jax.eval_shape(lambda: student_model.init(jax.random.key(0), images)["params"])
+    shapes = jax.eval_shape(
+        lambda: networks.student.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+    )
     random_params = lambda: jax.tree.map(
         lambda leaf: jnp.asarray(rng.normal(size=leaf.shape) * 0.3, jnp.float32), shapes
     )
     teacher_params, student_params = random_params(), random_params()
     anchor = jnp.zeros((1, 32))
-    config = method_config((1, 3), (3,), 5, map_sigma=2.0)
-    score_fn = scoring.make_score_fn(teacher_model, student_model, config, 16)
+    score_step = evaluate.make_score_step(config, networks)
 
-    got = score_fn(teacher_params, student_params, anchor, images)
-    assert got["score"].shape == got["s_a"].shape == got["s_d"].shape == (3,)
-    assert got["patch_diff"].shape == (3, 4, 4) and got["map"].shape == (3, 16, 16)
+    got = score_step(teacher_params, student_params, anchor, images)
+    assert got["score"].shape == (3,) and got["map"].shape == (3, 16, 16)
     assert all(np.all(np.isfinite(value)) for value in got.values())
-    blocks = jax.jit(lambda params: student_model.apply({"params": params}, images)["blocks"])
+    normalised = preprocess(images[0], config.data)
+    blocks = jax.jit(lambda p: networks.student.apply({"params": p}, normalised)["blocks"])
     teacher_blocks, student_blocks = blocks(teacher_params), blocks(student_params)
-    s_d, s_a, patch_diff = np_scores(
+    s_d, s_a, _ = np_scores(
         np.asarray(teacher_blocks), np.asarray(student_blocks), np.zeros((1, 32)), (1, 3), (3,),
         5, grid_w=4,
     )
-    np.testing.assert_allclose(got["s_d"], s_d, rtol=1e-5)
-    np.testing.assert_allclose(got["s_a"], s_a, rtol=1e-5)
-    np.testing.assert_allclose(got["patch_diff"], patch_diff, rtol=1e-5)
+    np.testing.assert_allclose(got["score"], s_d + s_a, rtol=1e-5)
     # A student equal to its teacher has no feature difference: S_D = 0, S_A = 2 ||T_cls||.
-    same = score_fn(teacher_params, teacher_params, anchor, images)
-    np.testing.assert_allclose(same["s_d"], 0.0, atol=1e-4)
+    same = score_step(teacher_params, teacher_params, anchor, images)
     np.testing.assert_allclose(same["map"], 0.0, atol=1e-4)
     cls = np.asarray(teacher_blocks)[3, :, 0]
-    np.testing.assert_allclose(same["s_a"], 2 * np.linalg.norm(cls, axis=-1), rtol=1e-5)
-    # score_batch is the same computation with the models and config as static arguments.
-    batch = scoring.score_batch(
-        teacher_model, student_model, teacher_params, student_params, anchor, images,
-        method_config=ml_collections.FrozenConfigDict(config), image_size=16,
-    )
-    jax.tree.map(np.testing.assert_allclose, batch, got)
+    np.testing.assert_allclose(same["score"], 2 * np.linalg.norm(cls, axis=-1), rtol=1e-4)
