@@ -15,7 +15,8 @@ from fcd_jax.errors import CheckpointError
 
 
 def training_manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
-    """One manager per group of splits trained together; saves are asynchronous."""
+    """One manager per group of splits trained together; saves are asynchronous. Close it
+    (``GroupTrainer`` does) when the group is done."""
     return ocp.CheckpointManager(
         os.path.abspath(directory), options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep)
     )
@@ -45,21 +46,19 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, in
 
 def save_tree(directory: str, tree: Any) -> None:
     """Writes a pytree (e.g. ``{"params": ..., "anchor": ...}``) and waits until it is on disk."""
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.abspath(directory), tree, force=True)
-    checkpointer.wait_until_finished()
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.abspath(directory), tree, force=True)
+        checkpointer.wait_until_finished()
 
 
-def load_tree(directory: str, target: Any | None = None) -> Any:
+def load_tree(directory: str) -> Any:
     """Reads a pytree written by ``save_tree`` (onto the host/default device)."""
     path = os.path.abspath(directory)
     if not os.path.isdir(path):
         raise CheckpointError(f"no checkpoint at {path}: train first (--mode=train_and_eval)")
-    checkpointer = ocp.StandardCheckpointer()
     try:
-        if target is None:
+        with ocp.StandardCheckpointer() as checkpointer:
             return checkpointer.restore(path)
-        return checkpointer.restore(path, jax.tree.map(ocp.utils.to_shape_dtype_struct, target))
     except (ValueError, KeyError, TypeError) as error:
         raise CheckpointError(
             f"checkpoint {path} does not fit this config ({str(error).splitlines()[0][:200]})"

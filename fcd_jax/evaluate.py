@@ -80,11 +80,11 @@ def score_source(
     """
     batch_size = eval_batch_size(batch_size, mesh)
     sharding = parallel.all_devices_sharding(mesh)
-    images_layout = parallel.GlobalBatch(sharding, (1, batch_size, *np.shape(source[0])))
     valid_layout = parallel.GlobalBatch(sharding, (1, batch_size))
     scores, maps = [], []
     num_kept = 0
-    for images, valid in eval_batches(source, batch_size, *images_layout.process_slot):
+    for images, valid in eval_batches(source, batch_size, *valid_layout.process_slot):
+        images_layout = parallel.GlobalBatch(sharding, (1, batch_size, *images.shape[1:]))
         global_images = images_layout.assemble({0: images})
         out = score_step(teacher_params, student_params, anchor, global_images)
         want_maps = keep_maps is None or num_kept < keep_maps

@@ -112,7 +112,8 @@ def reconcile(
                 logging.warning("--config.%s=%r overrides the teacher checkpoint's %r (%s)",
                                 field, chosen, own, source)
         section, name = field.split(".")
-        config[section][name] = chosen
+        with config.ignore_type():  # e.g. [0.5, 0.5, 0.5] given, 0.5 recorded
+            config[section][name] = chosen
     return config
 
 
