@@ -1,4 +1,6 @@
-"""Times fcd-jax's train and score steps beside the same steps in PyTorch (``torch_reference.py``).
+"""Times fcd-jax's production train and score steps beside the same steps in PyTorch
+(``torch_reference.py``): the stacked train step of one split (``train_step.stacked_train_step``)
+and the score step (``evaluate.make_score_step``, anomaly map included).
 
 Run from the repository root (BENCHMARKS.md lists the commands behind every number)::
 
@@ -23,7 +25,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported, see torch_reference
 
 import argparse  # noqa: E402
-import functools  # noqa: E402
+import ast  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
@@ -39,9 +41,14 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
-from fcd_jax import evaluate, train  # noqa: E402
-from fcd_jax.losses import gram_pairs  # noqa: E402
+from fcd_jax import evaluate, parallel, teacher_cache  # noqa: E402
+from fcd_jax.datasets.split import ArraySource  # noqa: E402
+from fcd_jax.models import init_params  # noqa: E402
 from fcd_jax.models.vit import parse_variant  # noqa: E402
+from fcd_jax.networks import build_networks  # noqa: E402
+from fcd_jax.teacher import reconcile  # noqa: E402
+from fcd_jax.train_state import FROZEN_POS_EMBEDDING, init_stacked_states  # noqa: E402
+from fcd_jax.train_step import stacked_train_step  # noqa: E402
 
 PAPER_DEPTH = 12  # groupc {3, 6, 9, 11} is given for ViT-B's 12 blocks
 CPU_REFERENCE = "jax_cpu_f32"  # fcd-jax in float32 on the host CPU, the reference of a GPU run
@@ -60,7 +67,8 @@ def scaled_layers(layers: Sequence[int], depth: int) -> tuple[int, ...]:
 def bench_config(variant: str, image_size: int, batch: int, dtype: str = "float32",
                  overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """The default config (METHOD.md defaults) at this size, with ``key=value`` overrides
-    (``model.scan_layers=False``, ``model.width=32``, ...) applied last."""
+    (``model.scan_layers=False``, ``model.width=32``, ...) applied last, reconciled with a random
+    teacher (``teacher.reconcile``)."""
     config = default.get_config()
     config.model.variant = variant
     config.model.dtype = dtype
@@ -73,7 +81,7 @@ def bench_config(variant: str, image_size: int, batch: int, dtype: str = "float3
     if depth != PAPER_DEPTH:
         config.method.layers = scaled_layers(config.method.layers, depth)
         config.method.anchor_layers = scaled_layers(config.method.anchor_layers, depth)
-    return config
+    return reconcile(config, None)
 
 
 def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
@@ -90,8 +98,8 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
         value: Any = text.strip().lower() in ("1", "true", "yes")
     elif isinstance(old, tuple):
         value = tuple(int(v) for v in text.strip("()").split(",") if v.strip())
-    elif old is None:
-        value = text
+    elif old is None:  # unset until the teacher's spec fills it: a Python literal
+        value = ast.literal_eval(text.strip())
     else:
         value = type(old)(text)
     with config.unlocked():
@@ -126,7 +134,7 @@ def vit_forward_flops(arch: dict[str, int], image_size: int, depth: int) -> floa
 
 def reads_teacher_cache(config: ml_collections.ConfigDict) -> bool:
     """``train.teacher_cache=on``: the contestant times the step that reads the teacher's features
-    (``train.distill_step``) as training with the teacher cache runs it."""
+    from the teacher cache, as training with the cache runs it."""
     return config.train.teacher_cache == "on"
 
 
@@ -136,20 +144,21 @@ def train_step_flops(config: ml_collections.ConfigDict) -> float:
     needs no input gradient, so 2x for it), and the Gram matrices (2 N D^2 each for T and S, and
     twice that for S's backward)."""
     arch, size = architecture(config), config.data.image_size
-    teacher = vit_forward_flops(arch, size, train.teacher_depth(config.method))
+    plan = build_networks(config).plan
+    teacher = vit_forward_flops(arch, size, plan.teacher_depth)
     if reads_teacher_cache(config):
         teacher = 0.0
     student = 3 * vit_forward_flops(arch, size, arch["depth"])
     student -= vit_forward_flops(arch, size, 0)  # no gradient w.r.t. the images
     tokens = (size // arch["patch_size"]) ** 2 + 1
-    gram = len(gram_pairs(config.method)) * 8 * tokens * arch["width"] ** 2
+    gram = len(plan.gram_pairs) * 8 * tokens * arch["width"] ** 2
     return config.data.batch_size * (teacher + student + gram)
 
 
 def score_step_flops(config: ml_collections.ConfigDict, batch: int) -> float:
     """Model FLOPs of scoring ``batch`` images: teacher and student forward passes."""
     arch, size = architecture(config), config.data.image_size
-    teacher = vit_forward_flops(arch, size, train.teacher_depth(config.method))
+    teacher = vit_forward_flops(arch, size, build_networks(config).plan.teacher_depth)
     return batch * (teacher + vit_forward_flops(arch, size, arch["depth"]))
 
 
@@ -232,7 +241,8 @@ class Implementation:
     name: str
     train_step: Callable[[Any], float]
     score: Callable[[Any], np.ndarray]
-    to_input: Callable[[np.ndarray], Any]  # host uint8 images -> what the steps take
+    to_input: Callable[[np.ndarray], Any]  # host uint8 images -> what the train step takes
+    to_score_input: Callable[[np.ndarray], Any] | None = None  # ... the score step (to_input)
     block: Callable[[], None] = lambda: None  # waits until dispatched work is done
     compile_seconds: dict[str, float] = field(default_factory=dict)
     host_peak_bytes: int = 0
@@ -240,64 +250,77 @@ class Implementation:
 
 
 class JaxFcd:
-    """fcd-jax's own train step (``train.make_train_step``) and score step
-    (``evaluate.make_score_step``, scores only: the anomaly map is pruned by jit), on ``device``
-    (default: JAX's default device). With ``train.teacher_cache=on`` the train step is
-    ``train.distill_step`` on the teacher's features of the benchmark batch, computed once
-    before timing, as in training with the teacher cache."""
+    """fcd-jax's production programs for one split on ``device`` (default: JAX's default device):
+    the stacked train step with a stack of one (``train_step.stacked_train_step``) and the score
+    step (``evaluate.make_score_step``). With ``train.teacher_cache=on`` the train step is the
+    one that reads the teacher cache, filled (``teacher_cache.fill_teacher_cache``) with the
+    benchmark batch before timing, as in training with the teacher cache."""
 
     def __init__(self, config: ml_collections.ConfigDict, teacher_params: dict,
                  student_params: dict, images: np.ndarray, score_images: np.ndarray,
                  device: jax.Device | None = None):
-        with jax.default_device(device or jax.devices()[0]):
-            self._build(config, teacher_params, student_params, images, score_images)
+        device = device or jax.devices()[0]
+        with jax.default_device(device):
+            self._build(config, teacher_params, student_params, images, score_images, device)
 
     def _build(self, config: ml_collections.ConfigDict, teacher_params: dict,
-               student_params: dict, images: np.ndarray, score_images: np.ndarray) -> None:
-        teacher_model, student_model = train.build_models(config)
-        # jnp.array copies: the host arrays are shared by every contestant, the state is donated.
-        self.teacher_params = jax.tree.map(
-            jnp.array, train.prepare_teacher_params(teacher_params, config.method)
+               student_params: dict, images: np.ndarray, score_images: np.ndarray,
+               device: jax.Device) -> None:
+        networks = build_networks(config)
+        self.mesh = mesh = parallel.make_mesh(1, config.data.batch_size, (1, 1), [device])
+        self.cached = reads_teacher_cache(config)
+        # device_put copies: the host arrays are shared by every contestant, the state is donated.
+        self.teacher_params = jax.device_put(
+            networks.teacher_params(teacher_params), parallel.replicated(mesh)
         )
-        state = train.create_train_state(
-            config, teacher_params["pos_embedding"], student_model, jax.random.key(1), 10**6
+        states = init_stacked_states(
+            config, self.teacher_params["pos_embedding"], networks, np.array([0]),
+            np.array([10**6]), mesh,
         )
-        self.state = state.replace(params=jax.tree.map(jnp.array, student_params))
+        self.states = states.replace(params=jax.device_put(
+            jax.tree.map(lambda leaf: np.asarray(leaf)[None], student_params),
+            parallel.stacked_sharding(mesh),
+        ))
         self.compile_seconds: dict[str, float] = {}
         start = time.perf_counter()
         self.teacher_source = self.teacher_params
-        if reads_teacher_cache(config):
-            features = functools.partial(
-                train.teacher_features, config=config, teacher_model=teacher_model
+        if self.cached:
+            self.teacher_source = teacher_cache.fill_teacher_cache(
+                config, networks, self.teacher_params, [ArraySource(images)], mesh, 1
             )
-            self.teacher_source = jax.jit(features)(self.teacher_params, jnp.asarray(images))
-            train_step = jax.jit(functools.partial(
-                train.distill_step, config=config, student_model=student_model
-            ), donate_argnums=0)
-        else:
-            train_step = train.make_train_step(config, teacher_model, student_model)
-        self._train = train_step.lower(
-            self.state, self.teacher_source, jnp.asarray(images)
+        self._train = stacked_train_step(config, networks, mesh, self.cached).lower(
+            self.states, self.teacher_source, self.to_input(images)
         ).compile()
         self.compile_seconds["train"] = time.perf_counter() - start
         self.memory = self._train.memory_analysis()
-        score_step = evaluate.make_score_step(config, teacher_model, student_model)
-        scores_only = jax.jit(lambda *args: score_step(*args)["score"])
         start = time.perf_counter()
-        self._score = scores_only.lower(
-            self.teacher_params, self.state.params, self.state.anchor, jnp.asarray(score_images)
+        self._score = evaluate.make_score_step(config, networks).lower(
+            self.teacher_params, jax.tree.map(lambda leaf: leaf[0], self.states.params),
+            self.states.anchor[0], self.to_score_input(score_images),
         ).compile()
         self.compile_seconds["score"] = time.perf_counter() - start
 
-    def train_step(self, images: jax.Array) -> jax.Array:
-        self.state, metrics = self._train(self.state, self.teacher_source, images)
+    def to_input(self, images: np.ndarray) -> Any:
+        """One split's batch ``[1, B, ...]`` (with the cache: and its indices into it)."""
+        batch = jax.device_put(images[None], parallel.batch_sharding(self.mesh))
+        if not self.cached:
+            return batch
+        indices = np.arange(len(images), dtype=np.int32)[None]
+        return batch, jax.device_put(indices, parallel.batch_sharding(self.mesh))
+
+    def to_score_input(self, images: np.ndarray) -> jax.Array:
+        return jax.device_put(images[None], parallel.all_devices_sharding(self.mesh))
+
+    def train_step(self, batch: Any) -> jax.Array:
+        self.states, metrics = self._train(self.states, self.teacher_source, batch)
         return metrics["loss"]
 
     def score(self, images: jax.Array) -> jax.Array:
-        return self._score(self.teacher_params, self.state.params, self.state.anchor, images)
+        params = jax.tree.map(lambda leaf: leaf[0], self.states.params)
+        return self._score(self.teacher_params, params, self.states.anchor[0], images)["score"]
 
     def block(self) -> None:
-        jax.block_until_ready(self.state)
+        jax.block_until_ready(self.states)
 
 
 def jax_implementation(name: str, config: ml_collections.ConfigDict, teacher_params: dict,
@@ -308,7 +331,7 @@ def jax_implementation(name: str, config: ml_collections.ConfigDict, teacher_par
     fcd = JaxFcd(config, teacher_params, student_params, images, score_images, device)
     impl = Implementation(
         name, fcd.train_step, fcd.score, block=fcd.block,
-        to_input=lambda images: jax.device_put(images, device),
+        to_input=fcd.to_input, to_score_input=fcd.to_score_input,
         compile_seconds=fcd.compile_seconds, flops=train_step_flops(config),
     )
     impl.host_peak_bytes = memory.peak_increase()
@@ -336,7 +359,7 @@ def torch_implementation(name: str, config: ml_collections.ConfigDict, teacher_p
         eps=config.model.layernorm_eps, gelu_approximate=config.model.gelu_approximate,
         lr_schedule=torch_reference.warmup_constant_lr(optim.lr, optim.warmup_steps),
         momentum=optim.momentum, clip_norm=optim.clip_norm,
-        freeze_pos_embedding=method.pos_embedding == train.FROZEN_POS_EMBEDDING,
+        freeze_pos_embedding=method.pos_embedding == FROZEN_POS_EMBEDDING,
         compile=compile_mode is not None, compile_mode=compile_mode or None,
     )
     return Implementation(
@@ -434,12 +457,12 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     score_images = rng.integers(
         0, 256, (args.score_batch, args.image_size, args.image_size, 3), np.uint8
     )
-    _, student_model = train.build_models(config)
+    student_model = build_networks(config).student
     teacher_key, student_key = jax.random.split(jax.random.key(args.seed))
     # A random teacher of the student's full depth, as a converted checkpoint would be.
-    teacher_params = jax.device_get(train.init_params(student_model, args.image_size, teacher_key))
-    student_params = jax.device_get(train.init_params(student_model, args.image_size, student_key))
-    if config.method.pos_embedding == train.FROZEN_POS_EMBEDDING:
+    teacher_params = jax.device_get(init_params(student_model, args.image_size, teacher_key))
+    student_params = jax.device_get(init_params(student_model, args.image_size, student_key))
+    if config.method.pos_embedding == FROZEN_POS_EMBEDDING:
         student_params = dict(student_params, pos_embedding=teacher_params["pos_embedding"])
 
     memory = HostMemory()
@@ -468,14 +491,15 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
     # Warm-up steps, which double as the agreement check (and torch.compile's compilation).
     inputs = {impl.name: impl.to_input(images) for impl in impls}
-    score_inputs = {impl.name: impl.to_input(score_images) for impl in impls}
+    score_inputs = {impl.name: (impl.to_score_input or impl.to_input)(score_images)
+                    for impl in impls}
     losses: dict[str, list[np.ndarray]] = {}
     scores: dict[str, list[np.ndarray]] = {}
     print(f"warm-up and agreement ({args.warmup} train steps, then the scores):")
     for impl in impls:
         memory.reset()
         start = time.perf_counter()
-        losses[impl.name] = [np.asarray(impl.train_step(inputs[impl.name]))
+        losses[impl.name] = [np.asarray(impl.train_step(inputs[impl.name])).reshape(())
                              for _ in range(args.warmup)]
         scores[impl.name] = [np.asarray(impl.score(score_inputs[impl.name]))]
         impl.host_peak_bytes = max(impl.host_peak_bytes, memory.peak_increase())

@@ -187,7 +187,7 @@ def anomaly_scores(teacher: TokenList, student: TokenList, anchor: torch.Tensor,
 
 def warmup_constant_lr(lr: float, warmup_steps: int) -> Callable[[int], float]:
     """The learning rate of update ``step`` (0-based): linear warmup reaching ``lr`` at update
-    ``warmup_steps - 1``, then constant (fcd_jax.train.learning_rate, schedule "constant")."""
+    ``warmup_steps - 1``, then constant (fcd_jax.train_state.learning_rate, schedule "constant")."""
     return lambda step: lr * min(1.0, (step + 1) / max(warmup_steps, 1))
 
 

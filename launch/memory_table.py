@@ -3,7 +3,7 @@
     JAX_PLATFORMS=cpu python launch/memory_table.py [--batch_sizes 32,4] [--variants ...]
 
 For each batch size and model variant the stacked train step is compiled for 1 and 2 splits on
-one device (``train.step_memory_bytes``: arguments + outputs + temporaries - donated aliases);
+one device (``sizing.step_memory_bytes``: arguments + outputs + temporaries - donated aliases);
 memory is linear in the splits, so per split = two - one and fixed = one - per split. Prints a
 Markdown table with how many splits fit in 90% of a 16, 80 and 141 GiB device (the margin
 ``parallel_splits="auto"`` keeps). Compiled for CPU: GPU/TPU fusions differ, so read the numbers
@@ -40,7 +40,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from configs import default
-    from fcd_jax import train
+    from fcd_jax import sizing
+    from fcd_jax.teacher import reconcile
 
     rows = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
@@ -48,9 +49,10 @@ def main() -> None:
             config = default.get_config()  # ViT-B/16, 224x224, groupc {3, 6, 9, 11}
             config.data.batch_size = batch
             config.model.update(VARIANTS[variant])
+            config = reconcile(config, None)  # a random teacher's spec (Google's ViT values)
             start = time.perf_counter()
-            one = train.step_memory_bytes(config, 1)
-            two = train.step_memory_bytes(config, 2)
+            one = sizing.step_memory_bytes(config, 1)
+            two = sizing.step_memory_bytes(config, 2)
             per_split, fixed = two - one, 2 * one - two
             fits = [splits_that_fit(fixed, per_split, gib) for gib in DEVICE_GIB]
             rows.append((batch, variant, per_split, fixed, fits))

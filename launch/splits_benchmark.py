@@ -24,18 +24,17 @@ def train_groups(config, splits, group_size, teacher, workdir: str) -> float:
     """Seconds to train every split in groups of ``group_size``, one group after another."""
     import jax
 
-    from fcd_jax import train
+    from fcd_jax.group_trainer import GroupTrainer
 
-    teacher_params, teacher_model, student_model = teacher
+    teacher_params, networks = teacher
     start = time.perf_counter()
     for first in range(0, len(splits), group_size):
         indices = list(range(first, min(first + group_size, len(splits))))
-        trainer = train.GroupTrainer(
-            config, workdir, [splits[i] for i in indices], indices,
-            teacher_params, teacher_model, student_model,
-        )
-        trainer.train()
-        jax.block_until_ready(trainer.states)
+        with GroupTrainer(
+            config, workdir, [splits[i] for i in indices], indices, teacher_params, networks,
+        ) as trainer:
+            trainer.train()
+            jax.block_until_ready(trainer.states)
     return time.perf_counter() - start
 
 

@@ -1,7 +1,6 @@
 """The benchmark (benchmarks/bench.py) runs on a tiny model, and its PyTorch peer
 (benchmarks/torch_reference.py) computes what fcd-jax computes. Nothing here is timed."""
 
-import functools
 import math
 import os
 import re
@@ -22,15 +21,17 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks import bench, torch_reference  # noqa: E402
-from fcd_jax import train  # noqa: E402
+from fcd_jax import train_state  # noqa: E402
 from fcd_jax.models import build_vit  # noqa: E402
+from fcd_jax.networks import build_networks  # noqa: E402
+from fcd_jax.train_step import make_stacked_step  # noqa: E402
 
 TINY = ["model.width=32", "model.depth=4", "model.num_heads=2", "model.mlp_dim=64",
         "method.top_k=2"]
 TINY_ARGS = ["--variant=S/8", "--image_size=16", *(f"--override={o}" for o in TINY)]
 
 
-def tiny_config(batch: int = 2) -> ml_collections.ConfigDict:
+def bench_tiny_config(batch: int = 2) -> ml_collections.ConfigDict:
     return bench.bench_config("S/8", 16, batch, "float32", TINY)
 
 
@@ -74,7 +75,7 @@ def test_disagreement_stops_the_benchmark():
 
 
 def test_torch_vit_holds_the_flax_vits_weights():
-    config = tiny_config()
+    config = bench_tiny_config()
     model = build_vit(config.model)
     images = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
     params = jax.jit(model.init)(jax.random.key(0), images)["params"]
@@ -160,7 +161,7 @@ def test_torch_learning_rate_is_fcd_jaxs():
     optim = ml_collections.ConfigDict(dict(lr=0.2, warmup_steps=5, schedule="constant"))
     schedule = torch_reference.warmup_constant_lr(optim.lr, optim.warmup_steps)
     for step in (0, 1, 4, 5, 50):
-        expected = float(train.learning_rate(jnp.asarray(step), jnp.asarray(100), optim))
+        expected = float(train_state.learning_rate(jnp.asarray(step), jnp.asarray(100), optim))
         assert schedule(step) == pytest.approx(expected, rel=1e-6)
 
 
@@ -184,7 +185,7 @@ def jaxpr_matmul_flops(jaxpr) -> float:
 
 
 def test_forward_flops_count_every_matmul_of_the_vit():
-    config = tiny_config()
+    config = bench_tiny_config()
     model = build_vit(config.model)
     images = jnp.zeros((1, 16, 16, 3))
     params = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
@@ -194,19 +195,19 @@ def test_forward_flops_count_every_matmul_of_the_vit():
 
 
 def test_train_step_flops_count_the_step_matmuls():
-    config = tiny_config(batch=3)
-    teacher_model, student_model = train.build_models(config)
+    """The production stacked step of one split: its jaxpr's matmuls are the analytic count."""
+    config = bench_tiny_config(batch=3)
+    networks = build_networks(config)
     key = jax.random.key(0)
-    teacher_params = jax.eval_shape(functools.partial(train.init_params, teacher_model, 16), key)
-    state = jax.eval_shape(
-        lambda: train.create_train_state(
-            config, jnp.zeros((1, 5, 32)), student_model, key, 10
-        )
+    teacher_params = jax.eval_shape(lambda: networks.teacher.init(
+        key, jnp.zeros((1, 16, 16, 3)))["params"])
+    state = lambda: train_state.create_train_state(
+        config, jnp.zeros((1, 5, 32)), networks, key, 10
     )
-    step = functools.partial(train.train_step, config=config, teacher_model=teacher_model,
-                             student_model=student_model)
-    images = jax.ShapeDtypeStruct((3, 16, 16, 3), jnp.uint8)
-    counted = jaxpr_matmul_flops(jax.make_jaxpr(step)(state, teacher_params, images).jaxpr)
+    states = jax.eval_shape(lambda: jax.tree.map(lambda leaf: leaf[None], state()))
+    images = jax.ShapeDtypeStruct((1, 3, 16, 16, 3), jnp.uint8)
+    step = make_stacked_step(config, networks)
+    counted = jaxpr_matmul_flops(jax.make_jaxpr(step)(states, teacher_params, images).jaxpr)
     analytic = bench.train_step_flops(config)
     # The Gram backward may also differentiate the teacher's half of a stacked matmul.
     gram_teacher_backward = 3 * 3 * 4 * 5 * 32**2  # batch * pairs * 4 N D^2
@@ -217,4 +218,4 @@ def test_groupc_is_scaled_to_the_depth():
     assert bench.scaled_layers((3, 6, 9, 11), 12) == (3, 6, 9, 11)
     assert bench.scaled_layers((3, 6, 9, 11), 4) == (0, 1, 2, 3)
     assert bench.scaled_layers((3, 6, 9, 11), 2) == (0, 1)
-    assert tiny_config().method.anchor_layers == (3,)
+    assert bench_tiny_config().method.anchor_layers == (3,)
