@@ -6,7 +6,7 @@ jitted programs) resizes them to the model size and normalises them with the tea
 
 Multi-host: ``train_batches`` / ``eval_batches`` take ``process_index`` / ``process_count`` and
 return only this process's rows of each global batch (``batch_size // process_count`` rows), so each
-host reads only its share; ``jax.make_array_from_process_local_data`` builds the global batch.
+host reads only its share; ``parallel.GlobalBatch`` assembles the global batch from the shares.
 """
 
 from __future__ import annotations

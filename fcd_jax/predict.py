@@ -57,8 +57,8 @@ def trained_run(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Writes predictions.csv and one heat-map PNG per input image; returns the CSV's path."""
+    saved = SavedRuns.open(config, workdir)  # the config checked first, before any image is read
     name = trained_run(config, workdir)
-    saved = SavedRuns.open(config, workdir)  # the config checked before any image is read
     threshold = read_finished(workdir, name)["threshold"]
     files = expand_inputs(config.predict.inputs)
     images, kept, skipped = load_images(

@@ -300,7 +300,8 @@ def test_nan_loss_stops_with_one_line_and_keeps_checkpoints(env, data_root, tmp_
     steps = sorted(int(path.name) for path in checkpoint_dir.iterdir() if path.name.isdigit())
     assert steps and steps[-1] == kept_step
     assert not [path for path in checkpoint_dir.iterdir() if "tmp" in path.name]
-    assert (checkpoint_dir / str(kept_step) / "commit_success.txt").exists()
+    # Finalised: orbax renames the temporary folder (above) once the metadata is written.
+    assert (checkpoint_dir / str(kept_step) / "_CHECKPOINT_METADATA").exists()
     assert not list(tmp_path.glob("runs/*/result.json"))
 
 
