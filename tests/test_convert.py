@@ -16,6 +16,14 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from conversion_checks import (  # noqa: E402
+    TOLERANCE,
+    features,
+    jitted_apply,
+    one_line_error,
+    relative_error,
+    torch_save,
+)
 from safetensors.numpy import save_file  # noqa: E402
 
 from fcd_jax import checkpoints, convert  # noqa: E402
@@ -25,12 +33,8 @@ from fcd_jax.models.vit import build_vit  # noqa: E402
 
 WIDTH, DEPTH, HEADS, MLP, IMAGE, PATCH = 64, 4, 4, 128, 32, 8
 HEAD_DIM = WIDTH // HEADS
-TOLERANCE = 1e-4  # max |ours - reference| / max |reference|, float32
 
 
-def relative_error(ours, reference) -> float:
-    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
-    return float(np.abs(ours - reference).max() / np.abs(reference).max())
 
 
 @pytest.fixture(scope="module")
@@ -132,9 +136,6 @@ def google_state(hub: dict, prefix: str = "") -> dict:
     return {prefix + key: value for key, value in state.items()}
 
 
-def torch_save(state: dict, path) -> None:
-    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, path)
-
 
 def write_layout(layout: str, reference: dict, directory) -> tuple:
     """Writes ``reference``'s weights as ``layout``; returns (path, convert kwargs)."""
@@ -173,15 +174,6 @@ EXPECTED_EPS = {"hf": 1e-12, "timm": 1e-6, "google": 1e-6}
 LAYOUTS = ["hf_folder_safetensors", "hf_folder_bin", "hf_file_classifier", "timm_safetensors",
            "timm_pth", "google_npz", "google_npz_opt_target"]
 
-
-@functools.cache
-def jitted_apply(model):
-    return jax.jit(model.apply)
-
-
-def features(params, arch, images) -> dict:
-    model = build_vit(arch)
-    return jax.tree.map(np.asarray, jitted_apply(model)({"params": params}, images))
 
 
 @pytest.fixture(scope="module")
@@ -305,12 +297,6 @@ def test_image_size_not_multiple_of_patch_is_one_line_error(reference):
 # ------------------------------------------------------------------------------------------------
 # Bad files: one line naming the problem.
 
-
-def one_line_error(path, match: str, **kwargs) -> str:
-    with pytest.raises(CheckpointError, match=match) as error:
-        convert.convert_checkpoint(path, **kwargs)
-    assert "\n" not in str(error.value)
-    return str(error.value)
 
 
 @pytest.mark.parametrize("suffix", [".npz", ".safetensors", ".pth", ".bin"])
