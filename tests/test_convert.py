@@ -17,11 +17,13 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from conversion_checks import (  # noqa: E402
+    HF_VIT_NAMES,
     TOLERANCE,
     features,
     jitted_apply,
     one_line_error,
     relative_error,
+    timm_block,
     torch_save,
 )
 from safetensors.numpy import save_file  # noqa: E402
@@ -88,16 +90,7 @@ def timm_state(hub: dict) -> dict:
         "head.weight": np.ones((10, WIDTH), np.float32), "head.bias": np.ones(10, np.float32),
     }
     for i in range(DEPTH):
-        layer = functools.partial(hub_layer, hub, i)
-        qkv = [f"attention.attention.{n}" for n in ("query", "key", "value")]
-        for kind in ("weight", "bias"):
-            state[f"blocks.{i}.attn.qkv.{kind}"] = np.concatenate(
-                [layer(f"{n}.{kind}") for n in qkv])
-            for timm_name, hf_name in (("norm1", "layernorm_before"), ("norm2", "layernorm_after"),
-                                       ("attn.proj", "attention.output.dense"),
-                                       ("mlp.fc1", "intermediate.dense"),
-                                       ("mlp.fc2", "output.dense")):
-                state[f"blocks.{i}.{timm_name}.{kind}"] = layer(f"{hf_name}.{kind}")
+        state |= timm_block(hub, i, f"blocks.{i}", HF_VIT_NAMES)
     return state
 
 

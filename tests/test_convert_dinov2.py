@@ -18,10 +18,13 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from conversion_checks import (  # noqa: E402
+    HF_DINOV2_NAMES,
+    HF_VIT_NAMES,
     TOLERANCE,
     features,
     one_line_error,
     relative_error,
+    timm_block,
     torch_save,
 )
 from safetensors.numpy import load_file, save_file  # noqa: E402
@@ -139,8 +142,6 @@ def test_preprocessor_config_normalisation_wins(references, tmp_path):
 def original_state(hub: dict, registers: bool, chunks: int = 0) -> dict:
     """facebookresearch/dinov2 ``state_dict()`` names, from the HF Hub names (the inverse of
     transformers' convert_dinov2_to_hf.py); ``chunks`` > 0: FSDP ``blocks.{chunk}.{i}``."""
-    block_names = dict(norm1="norm1", norm2="norm2", **{"attn.proj": "attention.output.dense",
-                       "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"})
     state = {
         "cls_token": hub["embeddings.cls_token"], "mask_token": hub["embeddings.mask_token"],
         "pos_embed": hub["embeddings.position_embeddings"],
@@ -152,14 +153,7 @@ def original_state(hub: dict, registers: bool, chunks: int = 0) -> dict:
         state["register_tokens"] = hub["embeddings.register_tokens"]
     for i in range(DEPTH):
         block = f"blocks.{i // -(-DEPTH // chunks)}.{i}" if chunks else f"blocks.{i}"
-        layer = lambda name, i=i: hub[f"encoder.layer.{i}.{name}"]
-        for kind in ("weight", "bias"):
-            state[f"{block}.attn.qkv.{kind}"] = np.concatenate(
-                [layer(f"attention.attention.{n}.{kind}") for n in ("query", "key", "value")])
-            for ours, theirs in block_names.items():
-                state[f"{block}.{ours}.{kind}"] = layer(f"{theirs}.{kind}")
-        state[f"{block}.ls1.gamma"] = layer("layer_scale1.lambda1")
-        state[f"{block}.ls2.gamma"] = layer("layer_scale2.lambda1")
+        state |= timm_block(hub, i, block, HF_DINOV2_NAMES)
     return state
 
 
@@ -238,9 +232,6 @@ def test_each_layout_resamples_positions_as_its_own_code(references, dinov2_layo
 
 def deit_timm_state(hub: dict) -> dict:
     """timm ``VisionTransformerDistilled`` names from the HF DeiT Hub names."""
-    names = dict(norm1="layernorm_before", norm2="layernorm_after",
-                 **{"attn.proj": "attention.output.dense", "mlp.fc1": "intermediate.dense",
-                    "mlp.fc2": "output.dense"})
     state = {"cls_token": hub["embeddings.cls_token"],
              "dist_token": hub["embeddings.distillation_token"],
              "pos_embed": hub["embeddings.position_embeddings"],
@@ -251,12 +242,7 @@ def deit_timm_state(hub: dict) -> dict:
              "head_dist.weight": np.ones((3, WIDTH), np.float32),
              "head_dist.bias": np.ones(3, np.float32)}
     for i in range(DEPTH):
-        layer = lambda name, i=i: hub[f"encoder.layer.{i}.{name}"]
-        for kind in ("weight", "bias"):
-            state[f"blocks.{i}.attn.qkv.{kind}"] = np.concatenate(
-                [layer(f"attention.attention.{n}.{kind}") for n in ("query", "key", "value")])
-            for ours, theirs in names.items():
-                state[f"blocks.{i}.{ours}.{kind}"] = layer(f"{theirs}.{kind}")
+        state |= timm_block(hub, i, f"blocks.{i}", HF_VIT_NAMES)
     return state
 
 
