@@ -123,6 +123,18 @@ def test_arch_records_the_architecture_and_normalisation(references):
         assert (arch["patch_size"], arch["mlp_dim"], arch["format"]) == (PATCH, 128, "huggingface")
 
 
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_module_names_of_recent_transformers_give_the_same_params(references, kind, tmp_path):
+    """``torch.save(model.state_dict())`` writes transformers 5.24's module names
+    (``attention.q_proj``; ViT/DeiT under ``layers.{i}``), not the Hub's."""
+    model, folder = references[kind]
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    assert any(".q_proj." in key for key in model.state_dict())
+    params, _ = convert.convert_checkpoint(tmp_path)
+    jax.tree.map(np.testing.assert_array_equal, params, convert.convert_checkpoint(folder)[0])
+
+
 def test_preprocessor_config_normalisation_wins(references, tmp_path):
     folder = tmp_path / "custom"
     folder.mkdir()
