@@ -11,7 +11,8 @@ METHOD.md "Networks": teacher and student share this one model. ``apply`` return
 Options the newer checkpoints need (each off by default, i.e. the paper's ViT):
 
 - ``layer_scale``: per-channel scales ``ls1``/``ls2`` on the attention and MLP branches before
-  the residual sum (CaiT; DINOv2, DeiT III).
+  the residual sum (CaiT; DINOv2, DeiT III); initialised to 1, so a random student starts as
+  the plain ViT.
 - ``num_registers``: extra learned tokens placed after cls and before the patches, without a
   position embedding (DINOv2 with registers, Darcet et al. 2024). DeiT's distillation token is
   carried as one such token: the converter folds its position embedding into it, which is the
