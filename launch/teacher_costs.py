@@ -1,7 +1,7 @@
 """What a stronger teacher costs: FLOPs, time and memory of one FCD train step per teacher setup.
 
     JAX_PLATFORMS=cpu python launch/teacher_costs.py [--setups paper,dinov2_b14@518] \
-        [--batch 1] [--steps 3] [--memory_batches 32,4]
+        [--batch 1] [--steps 3] [--memory_batches 32,4] [--remat]
 
 A setup is ``paper`` (the paper's ViT-B/16 at 224) or a ``teacher=`` name of ``configs/default.py``
 (``dinov2_b14``, ``dinov2_l14_reg``, ...), optionally ``@SIZE`` for another image size (DINOv2's
@@ -17,6 +17,7 @@ teacher is random: its weights change neither the cost nor the memory.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/
 DEFAULT_SETUPS = "paper,dinov2_b14,dinov2_b14@518"
 
 
-def setup_config(setup: str, batch: int):
+def setup_config(setup: str, batch: int, remat: bool = False):
     """``configs/default.py`` for ``setup`` (``paper`` or ``TEACHER[@SIZE]``) at ``batch``."""
     from configs import default
 
@@ -36,6 +37,7 @@ def setup_config(setup: str, batch: int):
     if size:
         config.data.image_size = int(size)
     config.data.batch_size = batch
+    config.model.remat = remat
     return config
 
 
@@ -85,6 +87,7 @@ def main() -> None:
     parser.add_argument("--setups", default=DEFAULT_SETUPS)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3, help="0: memory only")
+    parser.add_argument("--remat", action="store_true", help="model.remat=True for every setup")
     parser.add_argument("--memory_batches", default="",
                         help="e.g. 32,4: memory per split at these batch sizes (compiles 2x each)")
     args = parser.parse_args()
@@ -94,28 +97,30 @@ def main() -> None:
 
     rows = []
     for setup in args.setups.split(","):
-        config = setup_config(setup, args.batch)
+        config = setup_config(setup, args.batch, args.remat)
         tokens = 1 + (config.data.image_size // build_vit(config.model).patch_size) ** 2
         flops, seconds = step_cost(config, args.steps) if args.steps else (float("nan"),) * 2
         memory = []
         for batch in [int(b) for b in args.memory_batches.split(",") if b]:
-            batch_config = setup_config(setup, batch)
+            batch_config = setup_config(setup, batch, args.remat)
             one = train.step_memory_bytes(batch_config, 1)
             two = train.step_memory_bytes(batch_config, 2)
             memory.append(f"b{batch}: {(two - one) / 2**30:.2f} + {(2 * one - two) / 2**30:.2f}")
         rows.append((setup, config.model.variant, config.data.image_size, tokens, flops, seconds,
                      "; ".join(memory)))
-        print(f"{setup}: {flops / 1e9:.0f} GFLOP, {seconds:.2f} s/step", file=sys.stderr,
-              flush=True)
+        print(f"{setup}: {flops / 1e9:.0f} GFLOP, {seconds:.2f} s/step {'; '.join(memory)}",
+              file=sys.stderr, flush=True)
 
     base_flops, base_seconds = rows[0][4], rows[0][5]
-    print(f"\nOne train step, batch {args.batch}, {args.steps} timed steps (median):\n")
+    shown = lambda value, form: "-" if math.isnan(value) else format(value, form)
+    print(f"\nOne train step, batch {args.batch}, {args.steps} timed steps (median)"
+          f"{', remat' if args.remat else ''}:\n")
     print("| setup | ViT | image | tokens | GFLOP/step | x | s/step | x | GiB per split + fixed |")
     print("|---|---|---|---|---|---|---|---|---|")
     for setup, variant, size, tokens, flops, seconds, memory in rows:
-        print(f"| {setup} | {variant} | {size} | {tokens} | {flops / 1e9:.1f} | "
-              f"{flops / base_flops:.1f} | {seconds:.2f} | {seconds / base_seconds:.1f} | "
-              f"{memory or '-'} |")
+        print(f"| {setup} | {variant} | {size} | {tokens} | {shown(flops / 1e9, '.1f')} | "
+              f"{shown(flops / base_flops, '.1f')} | {shown(seconds, '.2f')} | "
+              f"{shown(seconds / base_seconds, '.1f')} | {memory or '-'} |")
 
 
 if __name__ == "__main__":
