@@ -7,6 +7,22 @@ command line, e.g. ``--config.optim.lr=0.05`` or ``--config.method.layers="(3,6,
 import ml_collections
 from ml_collections import config_dict
 
+from fcd_jax.models.vit import parse_variant
+
+# Teachers beyond the paper's (``teacher=NAME``): DINOv2 ViTs (Oquab et al. 2024), patch 14, layer
+# scale; ``_reg``: with 4 register tokens (Darcet et al. 2024). Variant -> (layer scale, registers).
+TEACHERS = {
+    f"dinov2_{size.lower()}14{reg}": (f"{size}/14", registers)
+    for size in ("S", "B", "L") for reg, registers in (("", 0), ("_reg", 4))
+}
+PAPER_GROUPC = (3, 6, 9, 11)  # of the paper's 12 blocks, 0-based
+
+
+def groupc_for_depth(depth: int) -> tuple[int, ...]:
+    """The paper's groupc at the same relative depths: block c of 12 -> (c + 1) * depth / 12 - 1,
+    e.g. (7, 13, 19, 23) for ViT-L's 24 blocks; the last block stays the anchor layer."""
+    return tuple((c + 1) * depth // 12 - 1 for c in PAPER_GROUPC)
+
 
 def parse_arg(arg: str | None) -> dict[str, str]:
     """``"variant=Ti/16,runlocal"`` -> ``{"variant": "Ti/16", "runlocal": ""}``."""
@@ -15,21 +31,41 @@ def parse_arg(arg: str | None) -> dict[str, str]:
         if item.strip():
             key, _, value = item.partition("=")
             options[key.strip()] = value.strip()
-    unknown = set(options) - {"variant", "runlocal"}
+    unknown = set(options) - {"variant", "runlocal", "teacher"}
     if unknown:
-        raise ValueError(f"unknown config argument(s) {sorted(unknown)}: use variant=V, runlocal")
+        raise ValueError(f"unknown config argument(s) {sorted(unknown)}: use variant=V, "
+                         "teacher=T, runlocal")
+    if "teacher" in options and options["teacher"] not in TEACHERS:
+        raise ValueError(f"unknown teacher={options['teacher']}: use one of {', '.join(TEACHERS)}")
     return options
+
+
+def apply_teacher(config: ml_collections.ConfigDict, name: str) -> None:
+    """``teacher=dinov2_b14`` etc.: the checkpoint's architecture (patch 14, layer scale,
+    registers, LayerNorm eps 1e-6), at 224 px (16x16 patches), groupc scaled to its depth and
+    the last block as anchor. The input normalisation is the checkpoint's (``arch.json``)."""
+    variant, registers = TEACHERS[name]
+    config.model.update(variant=variant, patch_size=0, width=0, depth=0, num_heads=0, mlp_dim=0,
+                        layer_scale=True, num_registers=registers, layernorm_eps=1e-6)
+    config.data.image_size = 224
+    depth = parse_variant(variant)["depth"]
+    config.method.layers = groupc_for_depth(depth)
+    config.method.anchor_layers = (depth - 1,)
 
 
 def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
     """Config arguments shared by every config: ``variant=Ti/16`` picks the backbone;
-    ``runlocal`` shrinks model and run for a laptop or a test (same method, same layers)."""
+    ``teacher=dinov2_b14`` (see :data:`TEACHERS`) sets up a DINOv2 teacher; ``runlocal`` shrinks
+    model and run for a laptop or a test (same method, same layers)."""
     options = parse_arg(arg)
+    if "teacher" in options:
+        apply_teacher(config, options["teacher"])
     if "variant" in options:
         config.model.variant = options["variant"]
     if "runlocal" in options:
-        # A tiny 12-block ViT keeps groupc {3, 6, 9, 11} valid.
-        config.model.update(patch_size=8, width=32, depth=12, num_heads=2, mlp_dim=64)
+        # A tiny ViT as deep as the method's layers need (12 blocks for groupc {3, 6, 9, 11}).
+        depth = max(*config.method.layers, *config.method.anchor_layers) + 1
+        config.model.update(patch_size=8, width=32, depth=depth, num_heads=2, mlp_dim=64)
         config.data.image_size = 32
         config.data.batch_size = 4
         config.data.eval_batch_size = 16
@@ -102,6 +138,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.scan_layers = True  # False: unroll the layer scan (same params, same numbers)
     config.model.remat = False
     config.model.attention_implementation = ""  # "" (auto), "xla" or "cudnn"
+    config.model.layer_scale = False  # per-channel ls1/ls2 on each block's branches (DINOv2)
+    config.model.num_registers = 0  # register tokens after cls (DINOv2 _reg: 4; DeiT distilled: 1)
 
     config.teacher = ml_collections.ConfigDict()
     # .npz (Google), .safetensors / .pth (timm), a HuggingFace directory, or a converted directory.

@@ -1,4 +1,4 @@
-"""fcd_jax/convert.py: converted teachers compute what the PyTorch reference computes.
+"""fcd_jax/convert (ViT layouts): converted teachers compute what the PyTorch reference computes.
 
 One small HuggingFace ``ViTModel`` with random weights is the reference. Its weights are also
 written by hand in the timm and Google layouts (from the documented key mappings; timm itself
@@ -16,20 +16,27 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from conversion_checks import (  # noqa: E402
+    HF_VIT_NAMES,
+    TOLERANCE,
+    features,
+    jitted_apply,
+    one_line_error,
+    relative_error,
+    timm_block,
+    torch_save,
+)
 from safetensors.numpy import save_file  # noqa: E402
 
 from fcd_jax import checkpoints, convert  # noqa: E402
+from fcd_jax.convert import cli  # noqa: E402
 from fcd_jax.errors import CheckpointError  # noqa: E402
 from fcd_jax.models.vit import build_vit  # noqa: E402
 
 WIDTH, DEPTH, HEADS, MLP, IMAGE, PATCH = 64, 4, 4, 128, 32, 8
 HEAD_DIM = WIDTH // HEADS
-TOLERANCE = 1e-4  # max |ours - reference| / max |reference|, float32
 
 
-def relative_error(ours, reference) -> float:
-    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
-    return float(np.abs(ours - reference).max() / np.abs(reference).max())
 
 
 @pytest.fixture(scope="module")
@@ -83,16 +90,7 @@ def timm_state(hub: dict) -> dict:
         "head.weight": np.ones((10, WIDTH), np.float32), "head.bias": np.ones(10, np.float32),
     }
     for i in range(DEPTH):
-        layer = functools.partial(hub_layer, hub, i)
-        qkv = [f"attention.attention.{n}" for n in ("query", "key", "value")]
-        for kind in ("weight", "bias"):
-            state[f"blocks.{i}.attn.qkv.{kind}"] = np.concatenate(
-                [layer(f"{n}.{kind}") for n in qkv])
-            for timm_name, hf_name in (("norm1", "layernorm_before"), ("norm2", "layernorm_after"),
-                                       ("attn.proj", "attention.output.dense"),
-                                       ("mlp.fc1", "intermediate.dense"),
-                                       ("mlp.fc2", "output.dense")):
-                state[f"blocks.{i}.{timm_name}.{kind}"] = layer(f"{hf_name}.{kind}")
+        state |= timm_block(hub, i, f"blocks.{i}", HF_VIT_NAMES)
     return state
 
 
@@ -130,9 +128,6 @@ def google_state(hub: dict, prefix: str = "") -> dict:
             state[f"{block}MlpBlock_3/{dense}/bias"] = layer(f"{hf_name}.bias")
     return {prefix + key: value for key, value in state.items()}
 
-
-def torch_save(state: dict, path) -> None:
-    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, path)
 
 
 def write_layout(layout: str, reference: dict, directory) -> tuple:
@@ -173,15 +168,6 @@ LAYOUTS = ["hf_folder_safetensors", "hf_folder_bin", "hf_file_classifier", "timm
            "timm_pth", "google_npz", "google_npz_opt_target"]
 
 
-@functools.cache
-def jitted_apply(model):
-    return jax.jit(model.apply)
-
-
-def features(params, arch, images) -> dict:
-    model = build_vit(arch)
-    return jax.tree.map(np.asarray, jitted_apply(model)({"params": params}, images))
-
 
 @pytest.fixture(scope="module")
 def hf_converted(reference):
@@ -192,8 +178,9 @@ def test_huggingface_conversion_matches_pytorch(reference, hf_converted):
     params, arch = hf_converted
     assert {k: arch[k] for k in convert.ARCH_FIELDS} == dict(
         patch_size=PATCH, width=WIDTH, depth=DEPTH, num_heads=HEADS, mlp_dim=MLP,
-        layernorm_eps=1e-12, gelu_approximate=False)
+        layernorm_eps=1e-12, gelu_approximate=False, layer_scale=False, num_registers=0)
     assert arch["image_size"] == IMAGE and arch["format"] == "huggingface"
+    assert arch["family"] == "vit" and arch["image_mean"] is None  # no preprocessor_config.json
     ours = features(params, arch, reference["images"])
     assert ours["blocks"].shape == reference["blocks"].shape == (DEPTH, 2, 17, WIDTH)
     errors = [relative_error(ours["blocks"][c], reference["blocks"][c]) for c in range(DEPTH)]
@@ -264,9 +251,11 @@ def test_interpolating_to_the_same_size_is_the_identity(reference, hf_converted)
     np.testing.assert_array_equal(params["pos_embedding"], hf_converted[0]["pos_embedding"])
 
 
-def test_position_embedding_is_interpolated_bilinearly(reference, hf_converted):
-    params, arch = convert.convert_checkpoint(reference["hf_dir"], image_size=48)
-    assert arch["image_size"] == 48
+def test_google_position_embedding_is_interpolated_bilinearly(reference, hf_converted, tmp_path):
+    """vit_jax resamples with scipy.ndimage.zoom(order=1), corners aligned."""
+    npz, _ = write_layout("google_npz", reference, tmp_path)
+    params, arch = convert.convert_checkpoint(npz, image_size=48)
+    assert arch["image_size"] == 48 and arch["pos_interpolation"] == "bilinear"
     old = hf_converted[0]["pos_embedding"]
     new = params["pos_embedding"]
     assert new.shape == (1, 1 + 6 * 6, WIDTH)
@@ -277,6 +266,22 @@ def test_position_embedding_is_interpolated_bilinearly(reference, hf_converted):
         jax.tree.map(np.testing.assert_array_equal, params[name], hf_converted[0][name])
 
 
+def test_huggingface_vit_at_another_size_matches_its_own_interpolation(reference):
+    """HF ``ViTModel(interpolate_pos_encoding=True)`` resamples bicubically: so do we."""
+    params, arch = convert.convert_checkpoint(reference["hf_dir"], image_size=48)
+    assert arch["pos_interpolation"] == "bicubic"
+    images = np.random.default_rng(2).standard_normal((2, 48, 48, 3)).astype(np.float32)
+    with torch.no_grad():
+        out = reference["model"](pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)),
+                                 output_hidden_states=True, interpolate_pos_encoding=True)
+    ours = features(params, arch, images)
+    blocks = np.stack([h.numpy() for h in out.hidden_states[1:]])
+    error = max(relative_error(ours["blocks"], blocks),
+                relative_error(ours["encoded"], out.last_hidden_state.numpy()))
+    print(f"\nHF ViT at 48 px (positions resampled 4x4 -> 6x6): max relative error {error:.1e}")
+    assert error <= TOLERANCE
+
+
 def test_image_size_not_multiple_of_patch_is_one_line_error(reference):
     with pytest.raises(CheckpointError, match="not a multiple of the checkpoint's patch size 8"):
         convert.convert_checkpoint(reference["hf_dir"], image_size=30)
@@ -285,12 +290,6 @@ def test_image_size_not_multiple_of_patch_is_one_line_error(reference):
 # ------------------------------------------------------------------------------------------------
 # Bad files: one line naming the problem.
 
-
-def one_line_error(path, match: str, **kwargs) -> str:
-    with pytest.raises(CheckpointError, match=match) as error:
-        convert.convert_checkpoint(path, **kwargs)
-    assert "\n" not in str(error.value)
-    return str(error.value)
 
 
 @pytest.mark.parametrize("suffix", [".npz", ".safetensors", ".pth", ".bin"])
@@ -321,9 +320,10 @@ def test_unknown_format_and_unknown_layout(tmp_path):
 
 def test_wrong_architecture(reference, tmp_path):
     state = timm_state(reference["hub_state"])
-    layer_scale = {"blocks.0.ls1.gamma": np.ones(WIDTH, np.float32)}
-    save_file(state | layer_scale, tmp_path / "ls.safetensors")
-    one_line_error(tmp_path / "ls.safetensors", "no place for: blocks.0.ls1.gamma", num_heads=HEADS)
+    qk_norm = {"blocks.0.attn.q_norm.weight": np.ones(HEAD_DIM, np.float32)}
+    save_file(state | qk_norm, tmp_path / "qk_norm.safetensors")
+    one_line_error(tmp_path / "qk_norm.safetensors", "no place for: blocks.0.attn.q_norm.weight",
+                   num_heads=HEADS)
     del state["norm.weight"]
     save_file(state, tmp_path / "no_norm.safetensors")
     one_line_error(tmp_path / "no_norm.safetensors", "has no 'norm.weight'", num_heads=HEADS)
@@ -392,6 +392,15 @@ def test_save_and_load_converted_round_trip(hf_converted, tmp_path):
         convert.load_converted(tmp_path / "teacher")
 
 
+def test_arch_json_of_an_older_version_loads_with_the_new_fields_off(hf_converted, tmp_path):
+    params, arch = hf_converted
+    older = {k: v for k, v in arch.items() if k not in ("layer_scale", "num_registers")}
+    convert.save_converted(tmp_path / "older", params, older)
+    loaded, loaded_arch = convert.load_converted(tmp_path / "older")
+    assert loaded_arch["layer_scale"] is False and loaded_arch["num_registers"] == 0
+    jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
 def test_load_teacher_converts_once_and_reuses_the_cache(reference, tmp_path, monkeypatch):
     calls = []
     real = convert.convert_checkpoint
@@ -421,13 +430,13 @@ def test_load_teacher_writes_nothing_for_a_bad_file(tmp_path):
 
 def test_cli(reference, hf_converted, tmp_path, capsys):
     path, _ = write_layout("google_npz", reference, tmp_path)
-    assert convert.main([str(path), str(tmp_path / "out")]) == 0
+    assert cli.main([str(path), str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     count = sum(leaf.size for leaf in jax.tree.leaves(hf_converted[0]))
     assert count == 147_520  # embedding 12_352 + cls 64 + positions 1_088 + 4 * 33_472 + norm 128
     assert f"parameters: {count:,}" in printed and '"num_heads": 4' in printed
     (tmp_path / "bad.npz").write_bytes(b"junk")
-    assert convert.main([str(tmp_path / "bad.npz"), str(tmp_path / "out2")]) == 1
+    assert cli.main([str(tmp_path / "bad.npz"), str(tmp_path / "out2")]) == 1
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "corrupt or truncated" in error
     assert not (tmp_path / "out2").exists()

@@ -1,4 +1,5 @@
-"""fcd_jax/models/vit.py: parameter counts, outputs, scan/remat/truncation equivalence."""
+"""fcd_jax/models/vit.py: parameter counts, outputs, scan/remat/truncation equivalence, and
+layer scale and register tokens against a plain NumPy ViT."""
 
 import functools
 
@@ -134,3 +135,95 @@ def test_image_size_not_multiple_of_patch_is_a_clear_error(tiny):
 def test_unknown_variant_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown ViT variant 'X/16'"):
         parse_variant("X/16")
+
+
+# ------------------------------------------------------------------------------------------------
+# Layer scale and register tokens, against a plain NumPy ViT.
+
+
+def numpy_vit(params, images, patch: int, layer_scale: bool, num_registers: int,
+              eps: float = 1e-6):
+    """The ViT forward in float64 NumPy: patchify, cls + positions, registers after cls, then
+    pre-LN blocks ``x + ls1 * attn(ln1 x)``, ``x + ls2 * mlp(ln2 x)``; registers dropped."""
+    from scipy.special import erf
+
+    p = jax.tree.map(lambda leaf: np.asarray(leaf, np.float64), params)
+    x = np.asarray(images, np.float64)
+    batch, size = x.shape[0], x.shape[1]
+    grid = size // patch
+    patches = x.reshape(batch, grid, patch, grid, patch, 3).transpose(0, 1, 3, 2, 4, 5)
+    tokens = patches.reshape(batch, grid * grid, -1) @ p["embedding_kernel"].reshape(
+        -1, p["embedding_bias"].size) + p["embedding_bias"]
+    cls = np.broadcast_to(p["cls"], (batch, 1, tokens.shape[-1]))
+    tokens = np.concatenate([cls, tokens], 1) + p["pos_embedding"]
+    if num_registers:
+        registers = np.broadcast_to(p["registers"], (batch, num_registers, tokens.shape[-1]))
+        tokens = np.concatenate([tokens[:, :1], registers, tokens[:, 1:]], 1)
+
+    def layernorm(t, n):
+        return (t - t.mean(-1, keepdims=True)) / np.sqrt(t.var(-1, keepdims=True) + eps) * \
+            n["scale"] + n["bias"]
+
+    def drop(t):
+        return np.concatenate([t[:, :1], t[:, 1 + num_registers:]], 1)
+
+    outputs = []
+    for c in range(p["blocks"]["ln1"]["scale"].shape[0]):
+        b = jax.tree.map(lambda leaf, c=c: leaf[c], p["blocks"])
+        h = layernorm(tokens, b["ln1"])
+        q, k, v = (np.einsum("btd,dhk->bthk", h, b["attn"][n]["kernel"]) + b["attn"][n]["bias"]
+                   for n in ("query", "key", "value"))
+        logits = np.einsum("bqhk,bthk->bhqt", q, k) / np.sqrt(q.shape[-1])
+        weights = np.exp(logits - logits.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+        attended = np.einsum("bhqt,bthk->bqhk", weights, v)
+        attn = np.einsum("bqhk,hkd->bqd", attended, b["attn"]["out"]["kernel"]) + \
+            b["attn"]["out"]["bias"]
+        tokens = tokens + (b["ls1"] if layer_scale else 1) * attn
+        h = layernorm(tokens, b["ln2"]) @ b["mlp"]["fc1"]["kernel"] + b["mlp"]["fc1"]["bias"]
+        h = 0.5 * h * (1 + erf(h / np.sqrt(2)))
+        mlp = h @ b["mlp"]["fc2"]["kernel"] + b["mlp"]["fc2"]["bias"]
+        tokens = tokens + (b["ls2"] if layer_scale else 1) * mlp
+        outputs.append(drop(tokens))
+    return np.stack(outputs), layernorm(drop(tokens), p["encoder_norm"])
+
+
+@pytest.mark.parametrize(("layer_scale", "num_registers"), [(False, 0), (True, 0), (True, 4),
+                                                            (False, 1)])
+def test_layer_scale_and_registers_match_numpy(layer_scale, num_registers):
+    config = dict(TINY, layer_scale=layer_scale, num_registers=num_registers)
+    model = build_vit(config)
+    params = random_params(model, IMAGE_SIZE, seed=3)
+    images = np.random.default_rng(4).standard_normal((2, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
+    ours = apply(model, params, images)
+    blocks, encoded = numpy_vit(params, images, 8, layer_scale, num_registers)
+    assert ours["blocks"].shape == blocks.shape == (3, 2, 17, 32)  # registers dropped
+    assert ours["encoded"].shape == encoded.shape == (2, 17, 32)
+    for got, want in ((ours["blocks"], blocks), (ours["encoded"], encoded)):
+        error = np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max()
+        assert error <= 1e-5, error
+    if layer_scale:
+        assert params["blocks"]["ls1"].shape == params["blocks"]["ls2"].shape == (3, 32)
+    if num_registers:
+        assert params["registers"].shape == (1, num_registers, 32)
+        # The registers take part in attention: other register values, other patch outputs.
+        other = np.random.default_rng(5).standard_normal(params["registers"].shape)
+        moved = dict(params, registers=params["registers"] + other.astype(np.float32))
+        assert np.abs(apply(model, moved, images)["blocks"][0] - ours["blocks"][0]).max() > 1e-3
+
+
+def test_layer_scale_of_ones_is_the_plain_vit(tiny):
+    params, images, outputs = tiny
+    ones = np.ones((3, 32), np.float32)
+    scaled = dict(params, blocks=dict(params["blocks"], ls1=ones, ls2=ones))
+    out = apply(build_vit(dict(TINY, layer_scale=True)), scaled, images)
+    np.testing.assert_array_equal(out["blocks"], outputs["blocks"])
+
+
+def test_defaults_have_no_layer_scale_nor_registers():
+    shapes = jax.eval_shape(
+        build_vit({"variant": "B/14"}).init, jax.random.key(0),
+        jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))["params"]
+    assert "registers" not in shapes and "ls1" not in shapes["blocks"]
+    assert shapes["pos_embedding"].shape == (1, 1 + 16 * 16, 768)  # patch 14 at 224: 16x16
+    assert shapes["embedding_kernel"].shape == (14, 14, 3, 768)

@@ -3,8 +3,26 @@
 METHOD.md "Networks": teacher and student share this one model. ``apply`` returns a dict with
 
 - ``"blocks"``: phi_c for every encoder block c, stacked:
-  ``[depth, batch, 1 + num_patches, width]``, cls token first;
-- ``"encoded"``: the final LayerNorm applied to the last block's output, ``[batch, tokens, width]``.
+  ``[depth, batch, 1 + num_patches, width]``, cls token first, then the patch tokens in grid
+  (row-major) order;
+- ``"encoded"``: the final LayerNorm applied to the last block's output,
+  ``[batch, 1 + num_patches, width]``.
+
+Options the newer checkpoints need (each off by default, i.e. the paper's ViT):
+
+- ``layer_scale``: per-channel scales ``ls1``/``ls2`` on the attention and MLP branches before
+  the residual sum (CaiT; DINOv2, DeiT III); initialised to 1, so a random student starts as
+  the plain ViT.
+- ``num_registers``: extra learned tokens placed after cls and before the patches, without a
+  position embedding (DINOv2 with registers, Darcet et al. 2024). DeiT's distillation token is
+  carried as one such token: the converter folds its position embedding into it, which is the
+  same sum. These tokens take part in attention but are DROPPED from ``"blocks"`` and
+  ``"encoded"``, so losses, top-k, maps and Gram matrices (METHOD.md) never see them and the
+  contract above holds for every checkpoint.
+
+The position embedding ``pos_embedding`` ``[1, 1 + num_patches, width]`` is a parameter at the
+image size used: ``fcd_jax.convert`` resamples a checkpoint's grid once, as that checkpoint's own
+code does (e.g. DINOv2's 37x37 grid, bicubically), rather than on every forward pass.
 
 The encoder blocks' parameters are always stacked on a leading ``depth`` axis (``params["blocks"]``)
 and run with ``nn.scan``; ``scan_layers=False`` fully unrolls that scan (slower compile, sometimes a
@@ -80,8 +98,16 @@ class SelfAttention(nn.Module):
         return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out")(attended)
 
 
+def drop_registers(tokens: jax.Array, num_registers: int) -> jax.Array:
+    """``[..., 1 + R + N, D]`` -> ``[..., 1 + N, D]``: cls and the patch tokens, registers out."""
+    if not num_registers:
+        return tokens
+    return jnp.concatenate([tokens[..., :1, :], tokens[..., 1 + num_registers:, :]], axis=-2)
+
+
 class EncoderBlock(nn.Module):
-    """Pre-LayerNorm transformer block; ``(carry, _) -> (carry, output)`` so it can be scanned."""
+    """Pre-LayerNorm transformer block; ``(carry, _) -> (carry, output)`` so it can be scanned.
+    The carry holds every token; the output drops the ``num_registers`` register tokens."""
 
     num_heads: int
     mlp_dim: int
@@ -89,17 +115,25 @@ class EncoderBlock(nn.Module):
     gelu_approximate: bool = False
     dtype: Any = jnp.float32
     attention_implementation: str | None = None
+    layer_scale: bool = False
+    num_registers: int = 0
 
     @nn.compact
     def __call__(self, tokens: jax.Array, _: Any = None) -> tuple[jax.Array, jax.Array]:
+        width = tokens.shape[-1]
         norm = lambda name: nn.LayerNorm(epsilon=self.layernorm_eps, dtype=self.dtype, name=name)
-        tokens = tokens + SelfAttention(
-            self.num_heads, self.dtype, self.attention_implementation, name="attn"
-        )(norm("ln1")(tokens))
-        tokens = tokens + MlpBlock(
-            self.mlp_dim, self.gelu_approximate, self.dtype, name="mlp"
-        )(norm("ln2")(tokens))
-        return tokens, tokens
+
+        def scaled(branch: jax.Array, name: str) -> jax.Array:
+            if not self.layer_scale:
+                return branch
+            return branch * self.param(name, nn.initializers.ones, (width,)).astype(self.dtype)
+
+        attention = SelfAttention(self.num_heads, self.dtype, self.attention_implementation,
+                                  name="attn")
+        tokens = tokens + scaled(attention(norm("ln1")(tokens)), "ls1")
+        mlp = MlpBlock(self.mlp_dim, self.gelu_approximate, self.dtype, name="mlp")
+        tokens = tokens + scaled(mlp(norm("ln2")(tokens)), "ls2")
+        return tokens, drop_registers(tokens, self.num_registers)
 
 
 class ViT(nn.Module):
@@ -116,6 +150,8 @@ class ViT(nn.Module):
     scan_layers: bool = True
     remat: bool = False
     attention_implementation: str | None = None
+    layer_scale: bool = False
+    num_registers: int = 0
 
     @nn.compact
     def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
@@ -148,6 +184,12 @@ class ViT(nn.Module):
             (1, 1 + grid_h * grid_w, self.width),
         )
         tokens = tokens + pos_embedding.astype(self.dtype)
+        if self.num_registers:  # after cls, before the patches, no position (as DINOv2 places them)
+            registers = self.param("registers", nn.initializers.normal(stddev=0.02),
+                                   (1, self.num_registers, self.width))
+            registers = jnp.broadcast_to(registers, (batch, self.num_registers, self.width))
+            tokens = jnp.concatenate(
+                [tokens[:, :1], registers.astype(self.dtype), tokens[:, 1:]], axis=1)
 
         block = EncoderBlock
         if self.remat:
@@ -160,11 +202,11 @@ class ViT(nn.Module):
             unroll=1 if self.scan_layers else self.depth,
         )(
             self.num_heads, self.mlp_dim, self.layernorm_eps, self.gelu_approximate, self.dtype,
-            self.attention_implementation, name="blocks",
+            self.attention_implementation, self.layer_scale, self.num_registers, name="blocks",
         )
         last, every_block = blocks(tokens, None)
         final_norm = nn.LayerNorm(epsilon=self.layernorm_eps, dtype=self.dtype, name="encoder_norm")
-        encoded = final_norm(last)
+        encoded = final_norm(drop_registers(last, self.num_registers))  # LayerNorm is per token
         return {"blocks": every_block, "encoded": encoded}
 
 
@@ -172,7 +214,8 @@ def build_vit(model_config: Any, depth: int | None = None) -> ViT:
     """Builds the ViT that ``config.model`` (an ml_collections ConfigDict or dict) describes.
 
     ``model_config.variant`` (e.g. ``"B/16"``) gives the architecture; explicit fields
-    (``patch_size``, ``width``, ``depth``, ``num_heads``, ``mlp_dim``) override it. ``depth``
+    (``patch_size``, ``width``, ``depth``, ``num_heads``, ``mlp_dim``) override it; ``layer_scale``
+    and ``num_registers`` (default off) add what DINOv2 / DeiT checkpoints need. ``depth``
     overrides the depth, to run only the first blocks (see :func:`truncate_params`).
     """
     get = model_config.get
@@ -191,6 +234,8 @@ def build_vit(model_config: Any, depth: int | None = None) -> ViT:
         scan_layers=bool(get("scan_layers", True)),
         remat=bool(get("remat")),
         attention_implementation=get("attention_implementation") or None,
+        layer_scale=bool(get("layer_scale")),
+        num_registers=int(get("num_registers") or 0),
     )
 
 
