@@ -248,24 +248,23 @@ def test_resnet_taps_have_strides_4_to_32():
 @pytest.mark.parametrize("student", [resnet.ResNet18(), vgg.mkdad_cloner("small")],
                          ids=["resnet18", "cloner"])
 def test_student_batch_stats_update_in_training_mode_only(student):
-    variables = student.init(jax.random.key(0), images())
-    again = student.init(jax.random.key(0), images())
-    jax.tree.map(np.testing.assert_array_equal, variables, again)  # deterministic init
+    init = jax.jit(student.init)
+    variables = init(jax.random.key(0), images())
+    jax.tree.map(np.testing.assert_array_equal, variables, init(jax.random.key(0), images()))
     batch = images(seed=1) * 2 + 0.5
     train_taps, updates = jitted_apply(student)(variables, batch, train=True,
-                                                mutable="batch_stats")
+                                                capture_intermediates=True,
+                                                mutable=("batch_stats", "intermediates"))
     moved = jax.tree.map(lambda new, old: float(jnp.abs(new - old).max()),
                          updates["batch_stats"], variables["batch_stats"])
     assert min(jax.tree.leaves(moved)) > 0  # every running mean and var moved
+    # One momentum-0.9 step from mean 0: running mean = 0.1 * the batch mean (torch's 0.1).
+    first = "1" if isinstance(student, resnet.ResNet18) else "1_1"
+    conv_out = updates["intermediates"][f"conv{first}"]["__call__"][0]
+    np.testing.assert_allclose(updates["batch_stats"][f"bn{first}"]["mean"],
+                               0.1 * conv_out.mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-7)
     # Inference mode (the teacher's, and the student's when scoring) changes nothing.
     eval_taps, same = jitted_apply(student)(variables, batch, train=False,
                                             mutable="batch_stats")
     jax.tree.map(np.testing.assert_array_equal, same["batch_stats"], variables["batch_stats"])
     assert relative_error(eval_taps["taps"][-1], train_taps["taps"][-1]) > 0.01
-    # One momentum-0.9 step from mean 0: running mean = 0.1 * the batch mean (torch's 0.1).
-    first = "1" if isinstance(student, resnet.ResNet18) else "1_1"
-    _, state = jitted_apply(student)(variables, batch, train=True, capture_intermediates=True,
-                                     mutable=("batch_stats", "intermediates"))
-    conv_out = state["intermediates"][f"conv{first}"]["__call__"][0]
-    np.testing.assert_allclose(state["batch_stats"][f"bn{first}"]["mean"],
-                               0.1 * conv_out.mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-7)
