@@ -27,6 +27,11 @@ from fcd_jax.scoring import IMAGE_SCORES, gaussian_blur, upsample_matrix
 
 Taps = Sequence[jax.Array]
 ANCHOR_TAP = -1  # METHOD.md: the anchor is built on the last tap
+# METHOD.md's taps per backbone (MKDAD's for VGG16: relu2_2, 3_3, 4_3, 5_3; scored from relu3_3).
+TAPS = {
+    "vgg16": dict(loss_taps=(3, 6, 9, 12), score_taps=(6, 9, 12)),
+    "resnet18": dict(loss_taps=(0, 1, 2, 3), score_taps=(0, 1, 2, 3)),
+}
 
 
 def check_config(config: Any) -> None:

@@ -201,10 +201,10 @@ def test_one_training_step_on_real_taps(backbone):
     its batch_stats, teacher frozen, MKDAD's taps; the loss drops after one SGD step."""
     if backbone == "resnet18":
         teacher, student = resnet.ResNet18(), resnet.ResNet18()
-        config = method_config(loss_taps=(0, 1, 2, 3), score_taps=(0, 1, 2, 3))
+        config = method_config(**mkdad.TAPS["resnet18"])
     else:
         teacher, student = vgg.vgg16_teacher(), vgg.mkdad_cloner("small")
-        config = method_config(loss_taps=(3, 6, 9, 12), score_taps=(6, 9, 12))
+        config = method_config(**mkdad.TAPS["vgg16"])
     images = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
     teacher_vars = jax.jit(teacher.init)(jax.random.key(1), images)
     student_vars = jax.jit(student.init)(jax.random.key(2), images)
