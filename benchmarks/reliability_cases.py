@@ -141,7 +141,7 @@ def config_case(kind: str, *overrides: str, name: str = "", forbid: str = "",
 
 def folder_case(kind: str, name: str, change: Callable[[Path], None], expect: str = "error",
                 overrides: Sequence[str] = (), check: Callable | None = None,
-                forbid: str = "", **folder_kwargs) -> Case:  # fmt: skip
+                forbid: str = "", exclusive: bool = False, **folder_kwargs) -> Case:  # fmt: skip
     """A folder of the user's, changed by ``change(category_dir)``; trained (legit) or refused."""
 
     def build(folder: Path):
@@ -149,7 +149,7 @@ def folder_case(kind: str, name: str, change: Callable[[Path], None], expect: st
         change(root / CATEGORY)
         return [cli(folder, root, folder / "wd", *overrides)], [root]
 
-    return Case(kind, name, expect, build, check=check, forbid=forbid)
+    return Case(kind, name, expect, build, check=check, forbid=forbid, exclusive=exclusive)
 
 
 def trained_case(kind: str, name: str, expect: str, mode: str, overrides: Sequence[str] = (),
@@ -751,9 +751,9 @@ DELETE_ADVICE = r"delete \S+ to train afresh|delete the workdir"
 CASES: list[Case] = [
     # Trained once, reused below.
     Case(K10, "a clean folder trains (baseline)", "success", _baseline,
-         check=remember("trained", check_results(n_test=7))),
+         check=remember("trained", check_results(n_test=7)), exclusive=True),
     Case(K10, "a Google .npz teacher trains (baseline for teacher cases)", "success",
-         _baseline_npz, check=remember("trained_npz", check_results(n_test=7))),
+         _baseline_npz, check=remember("trained_npz", check_results(n_test=7)), exclusive=True),
     Case(K9, "orbax INFO lines in the baseline's log", "success", lambda folder: ([], []),
          check=_log_flood),
     # 1. The workdir's recorded config.
@@ -775,10 +775,10 @@ CASES: list[Case] = [
                  lambda folder: ["--config.data.skip_bad_images=True"], kind=K1,
                  forbid=DELETE_ADVICE),
     Case(K1, "predict after the training data was moved away", "success", _predict_moved,
-         check=check_predictions(), after=_restore_data, forbid=DELETE_ADVICE),
+         check=check_predictions(), after=_restore_data, forbid=DELETE_ADVICE, exclusive=True),
     Case(K1, "eval after the training data was moved away", "error",
          trained_case(K1, "", "", "eval", prepare=_moved_data).build, forbid=DELETE_ADVICE,
-         after=_restore_data),
+         after=_restore_data, exclusive=True),
     trained_case(K1, "predict as configs/folder.py's docstring says (no teacher.checkpoint)",
                  "success", "predict", (f"--config.predict.inputs={shared_data()}/{CATEGORY}/"
                                         "test/dent",), key="trained_npz", random_teacher=False,
@@ -817,7 +817,7 @@ CASES: list[Case] = [
     # 3. Users with no defect images.
     folder_case(K3, "only train/good, no test/ folder: trains and reports its threshold",
                 _only_train_good, "success",
-                check=remember("only_good", check_results(n_test=0))),
+                check=remember("only_good", check_results(n_test=0)), exclusive=True),
     Case(K3, "predict with the train/good-only run", "success", _only_good_predict,
          check=check_predictions(rows=3)),
     folder_case(K3, "test/ with good images only", _only_good_tests, "success",

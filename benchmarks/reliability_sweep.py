@@ -41,7 +41,7 @@ import tempfile
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,6 +95,7 @@ class Case:
     concurrent: bool = False  # the invocations run at once, else one after the other
     after: Callable[[Path], None] | None = None  # undoes what build did outside ``folder``
     late: bool = False  # an error that can only show while writing (a full disk): not stopped
+    exclusive: bool = False  # runs alone: it makes what later cases use, or moves shared files
     timeout: float = 240.0
 
 
@@ -164,16 +165,18 @@ class _Forked:
     def kill(self) -> None:
         os.kill(self.pid, signal.SIGKILL)
         os.waitpid(self.pid, 0)
+        self.returncode = -signal.SIGKILL
 
 
 def _run_at_once(invocations: Sequence[Invocation], logs: Sequence[tuple[Path, Path]],
                  stop_at_training: Sequence[bool], timeout: float,
-                 fresh: bool) -> list[Outcome]:  # fmt: skip
+                 fresh: bool) -> Iterator[None]:  # fmt: skip
+    """Runs the invocations at once, yielding while they run; returns their outcomes."""
     started = time.monotonic()
     handles = [_start(inv, *log, fresh) for inv, log in zip(invocations, logs, strict=True)]
     stopped = [""] * len(handles)
     while any(h.poll() is None for h in handles):
-        time.sleep(0.2)
+        yield
         for i, handle in enumerate(handles):
             if handle.poll() is not None:
                 continue
@@ -194,17 +197,17 @@ def _run_at_once(invocations: Sequence[Invocation], logs: Sequence[tuple[Path, P
 
 
 def run_all(case: Case, invocations: Sequence[Invocation], folder: Path,
-            fresh: bool) -> list[Outcome]:  # fmt: skip
-    """Runs the case's invocations (at once, or one after the other); one that reaches training
-    where an error is expected is stopped there."""
+            fresh: bool) -> Iterator[None]:  # fmt: skip
+    """Runs the case's invocations (at once, or one after the other), yielding while they run;
+    one that reaches training where an error is expected is stopped there."""
     logs = [(folder / f"stdout{i}.txt", folder / f"stderr{i}.txt") for i in range(len(invocations))]
     stops = [(inv.expect or case.expect) == "error" and not case.late for inv in invocations]
     if case.concurrent:
-        return _run_at_once(invocations, logs, stops, case.timeout, fresh)
-    return [
-        _run_at_once([inv], [log], [stop], case.timeout, fresh)[0]
-        for inv, log, stop in zip(invocations, logs, stops, strict=True)
-    ]
+        return (yield from _run_at_once(invocations, logs, stops, case.timeout, fresh))
+    outcomes = []
+    for inv, log, stop in zip(invocations, logs, stops, strict=True):
+        outcomes += yield from _run_at_once([inv], [log], [stop], case.timeout, fresh)
+    return outcomes
 
 
 # --- Verdicts -------------------------------------------------------------------------------
@@ -279,7 +282,7 @@ def judge(case: Case, invocations: list[Invocation], outcomes: list[Outcome], fo
             problems.append(f"message says {wrong[0]!r}")
         if case.require and not re.search(case.require, last_line(outcome.stderr)):
             problems.append(f"message lacks {case.require!r}")
-    if not any(problems) and case.check:
+    if case.check and (case.expect == "error" or not any(problems)):  # errors: e.g. no code ran
         problems.append(case.check(folder, outcomes))
     if lost:
         problems.append(f"{len(lost)} user file(s) changed or lost")
@@ -300,7 +303,8 @@ class Row:
     seconds: float
 
 
-def run_case(case: Case, base: Path, fresh: bool) -> Row:
+def run_case(case: Case, base: Path, fresh: bool, shared_paths: dict[str, Path]) -> Iterator:
+    """Builds, runs and judges one case, yielding while its commands run; returns its Row."""
     folder = base / re.sub(r"[^A-Za-z0-9]+", "_", f"{case.kind}_{case.name}")[:80]
     folder.mkdir(parents=True)
     try:
@@ -309,7 +313,7 @@ def run_case(case: Case, base: Path, fresh: bool) -> Row:
         return Row(case, "-", f"case setup failed: {error!r}"[:160], "not run", "-", 0.0)
     before = snapshot(protected)
     try:
-        outcomes = run_all(case, invocations, folder, fresh)
+        outcomes = yield from run_all(case, invocations, folder, fresh)
         lost = lost_files(before, snapshot(protected))
     finally:
         if case.after:
@@ -317,6 +321,9 @@ def run_case(case: Case, base: Path, fresh: bool) -> Row:
     verdict = judge(case, invocations, outcomes, folder, lost)
     rc = ", ".join(o.stopped or str(o.rc) for o in outcomes) or "-"
     line = " / ".join(last_line(o.stderr) for o in outcomes)
+    labels = {str(folder): "<case>", **{str(p): f"<{k}>" for k, p in shared_paths.items()}}
+    for path in sorted(labels, key=len, reverse=True):  # the longest (innermost) first
+        line = line.replace(path, labels[path])
     files = f"{len(before)} unchanged" if not lost else "CHANGED: " + ", ".join(
         Path(p).name for p in lost[:3])
     return Row(case, rc, line, verdict, files, sum(o.seconds for o in outcomes))
@@ -357,11 +364,37 @@ def write_table(rows: Sequence[Row], path: Path, seconds: float, command: str) -
     path.write_text("\n".join(lines) + "\n")
 
 
+def run_cases(cases: Sequence[Case], base: Path, fresh: bool, jobs: int,
+              shared: dict) -> list[Row]:  # fmt: skip
+    """Runs up to ``jobs`` cases at once (all in this thread: children are forked from it); an
+    ``exclusive`` case runs alone, so that what it makes or moves is there for the next ones."""
+    rows: dict[int, Row] = {}
+    active: dict[int, Iterator] = {}
+    waiting = list(enumerate(cases))
+    while waiting or active:
+        while waiting and len(active) < jobs and not any(cases[i].exclusive for i in active) \
+                and not (waiting[0][1].exclusive and active):  # fmt: skip
+            index, case = waiting.pop(0)
+            paths = {k: v for k, v in shared.items() if isinstance(v, Path)}
+            active[index] = run_case(case, base, fresh, paths)
+        for index, steps in list(active.items()):
+            try:
+                next(steps)
+            except StopIteration as done:
+                row = rows[index] = done.value
+                del active[index]
+                print(f"[{len(rows)}/{len(cases)}] {row.seconds:5.1f}s {row.case.kind} | "
+                      f"{row.case.name} | {row.rc} | {row.verdict}", flush=True)  # fmt: skip
+        time.sleep(0.2)
+    return [rows[i] for i in range(len(cases))]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", default="", help="run the cases whose class or input has TEXT")
     parser.add_argument("--fresh", action="store_true", help="real python -m subprocesses")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--jobs", type=int, default=2, help="cases run at once")
     args = parser.parse_args(argv)
     from benchmarks import reliability_cases
 
@@ -370,13 +403,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         preload()
     started = time.monotonic()
     base = Path(tempfile.mkdtemp(prefix="fcd_sweep_"))
-    rows = []
     try:
-        for number, case in enumerate(cases, 1):
-            row = run_case(case, base, args.fresh)
-            rows.append(row)
-            print(f"[{number}/{len(cases)}] {row.seconds:5.1f}s {case.kind} | {case.name} | "
-                  f"{row.rc} | {row.verdict}", flush=True)  # fmt: skip
+        rows = run_cases(cases, base, args.fresh, args.jobs, reliability_cases.SHARED)
     finally:
         reliability_cases.cleanup()
         shutil.rmtree(base, ignore_errors=True)
