@@ -323,7 +323,7 @@ def run_case(case: Case, base: Path, fresh: bool, shared_paths: dict[str, Path])
     line = " / ".join(last_line(o.stderr) for o in outcomes)
     labels = {str(folder): "<case>", **{str(p): f"<{k}>" for k, p in shared_paths.items()}}
     for path in sorted(labels, key=len, reverse=True):  # the longest (innermost) first
-        line = line.replace(path, labels[path])
+        line, verdict = line.replace(path, labels[path]), verdict.replace(path, labels[path])
     files = f"{len(before)} unchanged" if not lost else "CHANGED: " + ", ".join(
         Path(p).name for p in lost[:3])
     return Row(case, rc, line, verdict, files, sum(o.seconds for o in outcomes))
