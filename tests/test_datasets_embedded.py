@@ -98,3 +98,18 @@ def test_textures_refuse_a_foreign_folder(tmp_path):
     config.textures = {"crops": 3}
     with pytest.raises(DataError, match="unknown config.data.textures field"):
         input_pipeline.load_split(config, "brick")
+
+
+def test_texture_spec_refuses_impossible_sizes(tmp_path):
+    config = default_data_config(name="textures", root=str(tmp_path / "tex"))
+    for textures, needle in (({"crop": embedded.MAX_CROP + 1}, "crop=193: use 1..192"),
+                             ({"crop": 0}, "crop=0"), ({"n_train": 0}, "n_train=0: use at least 1"),
+                             ({"n_test_good": -1}, "n_test_good=-1")):  # fmt: skip
+        config.textures = textures
+        with pytest.raises(DataError, match=needle):
+            embedded.texture_spec(config)
+    (tmp_path / "file").write_text("keep me")
+    config.textures, config.root = {}, str(tmp_path / "file")
+    with pytest.raises(DataError, match="is a file"):
+        embedded.textures_root(config)
+    assert (tmp_path / "file").read_text() == "keep me"

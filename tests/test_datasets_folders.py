@@ -1,6 +1,8 @@
 """MVTec AD / image-folder loading: labels, masks, formats, and one clear error per bad input."""
 
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,10 +121,10 @@ def test_missing_folder(tmp_path, mvtec_root):
     with pytest.raises(DataError) as error:
         input_pipeline.load_split(mvtec_config(mvtec_root), "capsule")
     assert_one_line(error, "missing folder", str(mvtec_root / "capsule"))
-    shutil.rmtree(mvtec_root / "bottle/test")
+    shutil.rmtree(mvtec_root / "bottle/train/good")
     with pytest.raises(DataError) as error:
         input_pipeline.load_split(mvtec_config(mvtec_root), "bottle")
-    assert_one_line(error, "missing folder", str(mvtec_root / "bottle/test"))
+    assert_one_line(error, "missing folder", str(mvtec_root / "bottle/train/good"))
 
 
 def test_empty_train_set(mvtec_root):
@@ -192,3 +194,127 @@ def test_fixture_is_deterministic(tmp_path):
     assert files and all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
     rows, cols = defect_square(np.random.default_rng(0), 32)
     assert rows.stop - rows.start == cols.stop - cols.start == 8
+
+
+# --- Legitimate odd layouts: no defect images, hidden entries, "." and ".." roots ---------------
+
+
+def folder_config(root, **overrides):
+    fields = dict(name="folder", root=str(root), image_size=32, holdout_fraction=0.34)
+    return default_data_config(**{**fields, **overrides})
+
+
+def assert_empty_test_set(split, n_train=6):
+    assert (len(split.train_images), len(split.holdout_images)) == (n_train - 2, 2)
+    assert split.test_images.images.shape == (0, 32, 32, 3)
+    assert split.test_labels.shape == split.test_classes.shape == (0,)
+    assert split.test_labels.dtype == split.test_classes.dtype == np.int32
+    assert split.test_class_names == ["good"] and split.test_paths == []
+    assert split.auroc_undefined_reason == "no test images"
+
+
+def test_train_good_only_gives_an_empty_test_set(tmp_path):
+    root = make_mvtec_folder(tmp_path / "parts", categories=("widget",), defects=(), masks=False)
+    shutil.rmtree(root / "widget/test")
+    split = input_pipeline.load_split(folder_config(root), "widget")
+    assert_empty_test_set(split)
+    assert split.test_masks is None
+    (root / "widget/test").mkdir()  # an empty test/ folder: the same
+    (root / "widget/ground_truth").mkdir()  # with an empty ground_truth/: empty masks
+    split = input_pipeline.load_split(folder_config(root), "widget")
+    assert_empty_test_set(split)
+    assert split.test_masks.images.shape == (0, 32, 32)
+
+
+def test_normal_test_images_only(mvtec_root):
+    for defect in ("broken", "contamination"):
+        shutil.rmtree(mvtec_root / "bottle/test" / defect)
+        shutil.rmtree(mvtec_root / "bottle/ground_truth" / defect)
+    split = input_pipeline.load_split(mvtec_config(mvtec_root), "bottle")
+    assert split.test_class_names == ["good"] and len(split.test_images) == 3
+    np.testing.assert_array_equal(split.test_labels, [0, 0, 0])
+    assert split.test_masks.images.shape == (3, 32, 32) and not split.test_masks.images.any()
+    assert split.auroc_undefined_reason == "no anomalous test images"
+    full = make_mvtec_folder(mvtec_root.parent / "full")
+    assert input_pipeline.load_split(mvtec_config(full), "bottle").auroc_undefined_reason is None
+
+
+def test_images_outside_their_class_folders(mvtec_root):
+    shutil.copy(mvtec_root / "bottle/test/good/000.png", mvtec_root / "bottle/test/stray.png")
+    with pytest.raises(DataError) as error:
+        input_pipeline.load_split(mvtec_config(mvtec_root), "bottle")
+    assert_one_line(error, "1 image(s) directly in", "stray.png", "test/good", "<defect name>")
+    (mvtec_root / "grid/train/good").rename(mvtec_root / "grid/train/flat")
+    for path in (mvtec_root / "grid/train/flat").iterdir():
+        path.rename(mvtec_root / "grid/train" / path.name)
+    with pytest.raises(DataError) as error:
+        input_pipeline.load_split(mvtec_config(mvtec_root), "grid")
+    assert_one_line(error, "must be in", "grid/train/good", "not directly in", "move them")
+
+
+def test_empty_train_set_names_the_other_file_types(mvtec_root):
+    train = mvtec_root / "bottle/train/good"
+    for path in train.iterdir():
+        path.rename(path.with_suffix(".webp"))
+    with pytest.raises(DataError) as error:
+        input_pipeline.load_split(mvtec_config(mvtec_root), "bottle")
+    assert_one_line(error, "empty training set", "6 file(s) of other types: .webp")
+
+
+def test_hidden_entries_are_never_classes_categories_or_images(tmp_path):
+    root = make_mvtec_folder(tmp_path / "parts", categories=("widget",), defects=("dent",))
+    category = root / "widget"
+    for hidden in (category / "test/.ipynb_checkpoints", root / ".ipynb_checkpoints/train/good"):
+        hidden.mkdir(parents=True)
+        shutil.copy(category / "test/good/000.png", hidden / "000-checkpoint.png")
+    for folder in ("train/good", "test/good", "test/dent"):
+        (category / folder / "._000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+        (category / folder / ".DS_Store").write_bytes(b"Bud1")
+    config = folder_config(root, holdout_fraction=0.0)
+    assert input_pipeline.list_splits(config) == ["widget"]
+    split = input_pipeline.load_split(config, "widget")
+    assert split.test_class_names == ["good", "dent"] and split.skipped == []
+    assert (len(split.train_images), len(split.test_images)) == (6, 5)
+
+
+def test_root_given_as_dot_or_dotdot_is_named_after_its_folder(tmp_path, monkeypatch):
+    root = make_mvtec_folder(tmp_path / "parts", categories=("widget",), defects=("dent",))
+    for cwd, given in ((root / "widget", "."), (root / "widget/train", ".."),
+                       (root, "."), (root / "widget", ".."), (root, str(root) + "/")):  # fmt: skip
+        monkeypatch.chdir(cwd)
+        config = folder_config(given)
+        assert input_pipeline.list_splits(config) == ["widget"], (cwd, given)
+        assert len(input_pipeline.load_split(config, "widget").test_images) == 5
+    assert folders.resolved_root("~") == folders.resolved_root(str(folders.Path.home()))
+
+
+def test_dangling_symlink_is_reported_or_skipped(mvtec_root):
+    link = mvtec_root / "bottle/train/good/zzz.png"
+    link.symlink_to(mvtec_root / "nowhere.png")
+    with pytest.raises(DataError) as error:
+        input_pipeline.load_split(mvtec_config(mvtec_root), "bottle")
+    assert_one_line(error, str(link), "symlink to", "nowhere.png", "does not exist")
+    split = input_pipeline.load_split(mvtec_config(mvtec_root, skip_bad_images=True), "bottle")
+    assert split.skipped == [str(link)] and len(split.train_images) == 6
+
+
+def test_non_utf8_file_names(mvtec_root):
+    raw = os.fsencode(mvtec_root / "bottle")
+    for folder, source in ((b"/train/good/", b"/train/good/000.png"),
+                           (b"/test/broken/", b"/test/broken/000.png")):  # fmt: skip
+        os.rename(raw + source, raw + folder + b"caf\xe9.png")
+    os.rename(raw + b"/ground_truth/broken/000_mask.png",
+              raw + b"/ground_truth/broken/caf\xe9_mask.png")  # fmt: skip
+    split = input_pipeline.load_split(mvtec_config(mvtec_root), "bottle")
+    assert len(split.train_images) == 6 and len(split.test_images) == 7
+    assert os.fsencode(split.test_paths[4]) == raw + b"/test/broken/caf\xe9.png"
+    assert split.test_masks.images[4].sum() == 64  # sorted after 001.png
+    Path(os.fsdecode(raw + b"/train/good/caf\xe9.png")).write_bytes(b"not an image")
+    with pytest.raises(DataError) as error:
+        input_pipeline.load_split(mvtec_config(mvtec_root), "bottle")
+    assert_one_line(error, "train/good/caf\\xe9.png")
+    str(error.value).encode("utf-8")  # printable: no lone surrogates left
+    os.rename(raw, os.fsencode(mvtec_root) + b"/bottl\xe9")
+    with pytest.raises(DataError) as error:
+        input_pipeline.list_splits(folder_config(mvtec_root))
+    assert_one_line(error, "bottl\\xe9", "not UTF-8", "rename the folder")

@@ -59,6 +59,8 @@ def load_digits_split(data_config, name: str) -> Split:
 TEXTURES = ("brick", "grass", "gravel")
 DEFECTS = ("scratch", "hole", "patch", "stain")  # stain: a local intensity change
 TRAIN_ROWS = 320  # of the 512-row photographs: rows above for train crops, below for test crops
+PHOTO_ROWS = 512  # skimage's brick, grass and gravel are 512 x 512
+MAX_CROP = min(TRAIN_ROWS, PHOTO_ROWS - TRAIN_ROWS)  # a crop must fit the train and the test rows
 _COMPLETE = "textures_spec.json"  # written last; marks a finished folder and records its spec
 
 
@@ -169,7 +171,7 @@ def build_textures(root: str | os.PathLike, spec: TextureSpec = TextureSpec()) -
     for t, texture in enumerate(TEXTURES):
         rng = np.random.default_rng([spec.seed, t])
         photo = photos[texture]
-        train_rows, test_rows = (0, TRAIN_ROWS), (TRAIN_ROWS, photo.shape[0])
+        train_rows, test_rows = (0, TRAIN_ROWS), (TRAIN_ROWS, PHOTO_ROWS)
         base = staging / texture
         for i in range(spec.n_train):
             _save_png(
@@ -184,7 +186,7 @@ def build_textures(root: str | os.PathLike, spec: TextureSpec = TextureSpec()) -
         for kind in DEFECTS:
             for i in range(spec.n_test_per_defect):
                 image = _random_crop(photo, test_rows, spec.crop, rng)
-                other = _random_crop(others[i % len(others)], (0, photo.shape[0]), spec.crop, rng)
+                other = _random_crop(others[i % len(others)], (0, PHOTO_ROWS), spec.crop, rng)
                 defective, mask = add_defect(image, kind, other, rng)
                 _save_png(defective, base / "test" / kind / f"{i:03d}.png")
                 _save_png(mask * 255, base / "ground_truth" / kind / f"{i:03d}_mask.png")
@@ -207,20 +209,33 @@ def texture_spec(data_config) -> TextureSpec:
             f"unknown config.data.textures field(s) {sorted(unknown)}; "
             f"valid: {[f.name for f in dataclasses.fields(TextureSpec)]}"
         )
-    return TextureSpec(**overrides)
+    spec = TextureSpec(**overrides)
+    if not 1 <= spec.crop <= MAX_CROP:
+        raise DataError(
+            f"config.data.textures.crop={spec.crop}: use 1..{MAX_CROP} pixels (a crop must fit "
+            f"the {TRAIN_ROWS} training rows and the {PHOTO_ROWS - TRAIN_ROWS} test rows)"
+        )
+    for field, least in dict(n_train=1, n_test_good=0, n_test_per_defect=0).items():
+        if getattr(spec, field) < least:
+            raise DataError(
+                f"config.data.textures.{field}={getattr(spec, field)}: use at least {least}"
+            )
+    return spec
 
 
 def textures_root(data_config) -> Path:
     """``data_config.root`` if set, else a per-spec folder in the user cache; built on first use."""
     spec = texture_spec(data_config)
     if data_config.get("root", ""):
-        root = Path(data_config.root).expanduser()
+        root = folders.resolved_root(data_config.root)
     else:
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
         root = cache / "fcd_jax" / spec.dir_name()
     marker = root / _COMPLETE
     if marker.is_file() and json.loads(marker.read_text()) == dataclasses.asdict(spec):
         return root
+    if root.exists() and not root.is_dir():
+        raise DataError(f"{root} is a file: point --config.data.root to an empty or new folder")
     if root.exists() and any(root.iterdir()) and not marker.is_file():
         raise DataError(
             f"{root} is not empty and holds no generated textures; "

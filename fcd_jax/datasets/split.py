@@ -68,15 +68,34 @@ class Split:
     test_paths: list[str] | None = None  # the test images' files, where they come from files
     skipped: list[str] = dataclasses.field(default_factory=list)  # bad files skipped on request
 
+    @property
+    def auroc_undefined_reason(self) -> str | None:
+        """Why image AUROC cannot be computed on this test set (None when it can): a folder with
+        no ``test/``, or with normal test images only, is a legitimate split."""
+        n_anomalous = int(np.sum(self.test_labels))
+        if len(self.test_labels) == 0:
+            return "no test images"
+        if n_anomalous == 0:
+            return "no anomalous test images"
+        if n_anomalous == len(self.test_labels):
+            return "no normal test images"
+        return None
+
+
+def holdout_count(n: int, fraction: float) -> int:
+    """How many of ``n`` normal training images ``holdout_fraction`` holds out: ``fraction * n``
+    rounded (half to even), keeping at least one image in train."""
+    return min(int(round(n * fraction)), max(n - 1, 0))
+
 
 def holdout_indices(n: int, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Splits ``range(n)`` into (train, held-out) sorted index arrays; held-out ~ ``fraction * n``.
+    """Splits ``range(n)`` into (train, held-out) sorted index arrays, ``holdout_count`` held out.
 
     At least one image stays in train; the choice is a fixed seeded permutation.
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"holdout_fraction must be in [0, 1), got {fraction}")
-    n_holdout = min(int(round(n * fraction)), max(n - 1, 0))
+    n_holdout = holdout_count(n, fraction)
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[n_holdout:]), np.sort(order[:n_holdout])
 
