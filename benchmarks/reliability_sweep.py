@@ -106,8 +106,8 @@ def preload() -> None:
     """Imports what fcd_jax's CLI imports (not fcd_jax.main: the child runs it as __main__)."""
     os.environ.update(CHILD_ENV)
     import fcd_jax.convert  # noqa: F401
+    import fcd_jax.experiment  # noqa: F401
     import fcd_jax.predict  # noqa: F401
-    import fcd_jax.train  # noqa: F401
 
 
 def _child(invocation: Invocation, stdout: Path, stderr: Path) -> None:

@@ -32,7 +32,8 @@ import jax
 import numpy as np
 
 # The ViT converter's file reader and writer (one of each for every backbone).
-from fcd_jax.convert import _file_sha256, _read_arrays, save_converted
+from fcd_jax.convert.arrays import file_sha256, read_arrays
+from fcd_jax.convert.stored import save_converted
 from fcd_jax.errors import CheckpointError
 from fcd_jax.models.resnet import BLOCKS_PER_STAGE, ResNet18
 from fcd_jax.models.vgg import POOL, VGG16_WIDTHS, conv_names, vgg16_teacher
@@ -170,7 +171,7 @@ def convert_file(path: str | os.PathLike) -> tuple[Variables, dict[str, Any]]:
     """Reads a torchvision ``.safetensors`` / ``.pth`` file into ``(variables, arch)``; ``arch``
     also records ``source`` and ``source_sha256``. Any problem is one :class:`CheckpointError`."""
     path = Path(path)
-    raw = _read_arrays(path)
+    raw = read_arrays(path)
     state_dict = {key.removeprefix("module."): value for key, value in raw.items()}
     try:
         arch = detect(state_dict)
@@ -181,7 +182,7 @@ def convert_file(path: str | os.PathLike) -> tuple[Variables, dict[str, Any]]:
         variables = convert(state_dict, arch)
     except CheckpointError as error:
         raise CheckpointError(f"{path}: {error}") from None
-    arch |= dict(source=str(path.resolve()), source_sha256=_file_sha256(path))
+    arch |= dict(source=str(path.resolve()), source_sha256=file_sha256(path))
     return variables, arch
 
 

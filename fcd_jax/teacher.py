@@ -35,7 +35,9 @@ HOW_TO_GET_A_TEACHER = (
     "google/vit-base-patch16-224 directory, then pass --config.teacher.checkpoint=PATH "
     "(converted once and cached; `python -m fcd_jax.convert SRC DST` converts ahead of time)"
 )
-ARCH_FIELDS = ("patch_size", "width", "depth", "num_heads", "mlp_dim")
+ARCH_FIELDS = (
+    "patch_size", "width", "depth", "num_heads", "mlp_dim", "layer_scale", "num_registers",
+)
 RANDOM_TEACHER_WARNING = (
     "the teacher is RANDOM (teacher.init='random'): this run proves the machinery only, its "
     "numbers are not comparable to the paper"
@@ -92,7 +94,8 @@ def reconcile(
                 raise CheckpointError(
                     f"teacher checkpoint {source} has {field}={arch[field]} but the model "
                     f"{config.model.variant} has {getattr(model, field)}: set "
-                    "--config.model.variant to the checkpoint's variant"
+                    "--config.model.variant (and model.layer_scale / model.num_registers) to "
+                    "the checkpoint's, e.g. configs/X.py:teacher=dinov2_b14"
                 )
     for field, (key, fallback) in SPEC_SOURCES.items():
         own = None if arch is None else arch.get(key)

@@ -42,22 +42,28 @@ def setup_config(setup: str, batch: int, remat: bool = False):
 
 
 def compiled_step(config, steps: int):
-    """(compiled single-split train step, its state, teacher params, images)."""
+    """(compiled train step of one split: the production stacked step with a stack of one, its
+    states, teacher params, images [1, B, ...])."""
     import jax
     import numpy as np
 
-    from fcd_jax import train
+    from fcd_jax import parallel
     from fcd_jax.models import init_params
+    from fcd_jax.networks import build_networks
+    from fcd_jax.teacher import reconcile
+    from fcd_jax.train_state import init_stacked_states
+    from fcd_jax.train_step import stacked_train_step
 
-    teacher_model, student_model = train.build_models(config)
+    config = reconcile(config, None)
+    networks = build_networks(config)
     size, batch = config.data.image_size, config.data.batch_size
-    teacher = train.prepare_teacher_params(
-        init_params(student_model, size, jax.random.key(1)), config.method)
-    state = train.create_train_state(
-        config, teacher["pos_embedding"], student_model, jax.random.key(0), steps + 1)
-    images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), np.uint8)
-    step = train.make_train_step(config, teacher_model, student_model)
-    return step.lower(state, teacher, images).compile(), state, teacher, images
+    teacher = networks.teacher_params(init_params(networks.student, size, jax.random.key(1)))
+    mesh = parallel.make_mesh(1, batch, (1, 1), jax.devices()[:1])
+    states = init_stacked_states(config, teacher["pos_embedding"], networks, np.array([0]),
+                                 np.array([steps + 1]), mesh)
+    images = np.random.default_rng(0).integers(0, 256, (1, batch, size, size, 3), np.uint8)
+    step = stacked_train_step(config, networks, mesh)
+    return step.lower(states, teacher, images).compile(), states, teacher, images
 
 
 def step_cost(config, steps: int) -> tuple[float, float]:
@@ -92,8 +98,9 @@ def main() -> None:
                         help="e.g. 32,4: memory per split at these batch sizes (compiles 2x each)")
     args = parser.parse_args()
 
-    from fcd_jax import train
     from fcd_jax.models import build_vit
+    from fcd_jax.sizing import step_memory_bytes
+    from fcd_jax.teacher import reconcile
 
     rows = []
     for setup in args.setups.split(","):
@@ -102,9 +109,9 @@ def main() -> None:
         flops, seconds = step_cost(config, args.steps) if args.steps else (float("nan"),) * 2
         memory = []
         for batch in [int(b) for b in args.memory_batches.split(",") if b]:
-            batch_config = setup_config(setup, batch, args.remat)
-            one = train.step_memory_bytes(batch_config, 1)
-            two = train.step_memory_bytes(batch_config, 2)
+            batch_config = reconcile(setup_config(setup, batch, args.remat), None)
+            one = step_memory_bytes(batch_config, 1)
+            two = step_memory_bytes(batch_config, 2)
             memory.append(f"b{batch}: {(two - one) / 2**30:.2f} + {(2 * one - two) / 2**30:.2f}")
         rows.append((setup, config.model.variant, config.data.image_size, tokens, flops, seconds,
                      "; ".join(memory)))

@@ -14,8 +14,10 @@ import pytest
 from fixtures import make_mvtec_folder
 
 from configs import default
-from fcd_jax import train
+from fcd_jax import experiment
 from fcd_jax.models import build_vit
+from fcd_jax.networks import build_networks
+from fcd_jax.teacher import reconcile
 
 DATASET_CONFIGS = ("cifar10", "cifar100_super", "fashion_mnist", "mvtec", "folder")
 WIDTHS = {"S": 384, "B": 768, "L": 1024}
@@ -44,7 +46,8 @@ def test_teacher_argument_resolves_and_builds(config_name, teacher):
     for field in ("batch_size", "eval_batch_size", "name"):
         assert config.data[field] == plain.data[field]
     assert (config.optim.lr, config.train.epochs) == (plain.optim.lr, plain.train.epochs)
-    teacher_model, student = train.build_models(config)  # validates layers against the depth
+    networks = build_networks(reconcile(config, None))  # validates layers against the depth
+    teacher_model, student = networks.teacher, networks.student
     assert (student.depth, teacher_model.depth, student.patch_size) == (depth, depth, 14)
     shapes = param_shapes(config.model.variant, config.model.num_registers, 224)
     assert shapes["pos_embedding"].shape == (1, 1 + 16 * 16, WIDTHS[size])
@@ -68,7 +71,7 @@ def test_runlocal_keeps_the_teachers_layers_valid():
     config = importlib.import_module("configs.mvtec").get_config("teacher=dinov2_l14,runlocal")
     assert config.model.depth == 24 and config.method.layers == (7, 13, 19, 23)
     assert config.model.layer_scale
-    train.build_models(config)
+    build_networks(reconcile(config, None))
 
 
 @pytest.mark.slow
@@ -91,7 +94,7 @@ def test_tiny_dinov2_with_registers_teacher_trains_and_scores(tmp_path):
     config.train.steps = 1
     config.data.holdout_fraction = 0.5
     config.eval.max_heatmaps = 1
-    outcome = train.train_and_evaluate(config, str(tmp_path / "run"))
+    outcome = experiment.train_and_evaluate(config, str(tmp_path / "run"))
     assert not outcome["teacher_is_random"]
     run = json.loads((tmp_path / "run" / "results.json").read_text())["runs"][0]
     assert run["name"] == "bottle" and np.isfinite(run["image_auroc"])
@@ -99,3 +102,7 @@ def test_tiny_dinov2_with_registers_teacher_trains_and_scores(tmp_path):
     cached = next((tmp_path / "run" / "teacher").iterdir())
     arch = json.loads((cached / "arch.json").read_text())
     assert (arch["num_registers"], arch["layer_scale"], arch["family"]) == (4, True, "dinov2")
+    # The checkpoint's ImageNet normalisation is what ran and what the workdir records.
+    recorded = json.loads((tmp_path / "run" / "training_config.json").read_text())
+    np.testing.assert_allclose(recorded["data.mean"], arch["image_mean"])
+    np.testing.assert_allclose(recorded["data.std"], arch["image_std"])
