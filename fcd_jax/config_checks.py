@@ -28,6 +28,7 @@ from fcd_jax.datasets import embedded
 from fcd_jax.datasets.split import holdout_count
 from fcd_jax.errors import ConfigError
 from fcd_jax.models.vit import build_vit
+from fcd_jax.networks import TEACHER_SPEC_FIELDS
 
 # The names the code accepts, for the fields whose value is one of a few names.
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -95,6 +96,8 @@ def _check_simple_fields(config: ml_collections.ConfigDict) -> None:
     for fields, valid, kind, least in kinds:
         for field in fields:
             value = _value(config, field)
+            if value is None and field in TEACHER_SPEC_FIELDS:
+                continue  # unset: the teacher checkpoint's own (fcd_jax.teacher.reconcile)
             if not valid(value):
                 raise _fail(field, value, f"must be {kind} >= {least}",
                             f"set --config.{field} to {least} or more")  # fmt: skip
@@ -114,6 +117,8 @@ def _check_data(data: ml_collections.ConfigDict) -> None:
         raise _fail("data.name", data.name, "names no known dataset",
                     f"use one or more of {', '.join(input_pipeline.DATASETS)}")  # fmt: skip
     for field in ("mean", "std"):
+        if data[field] is None:
+            continue  # unset: the teacher checkpoint's own (fcd_jax.teacher.reconcile)
         values = tuple(data[field]) if isinstance(data[field], tuple | list) else (data[field],)
         if len(values) not in (1, 3) or not all(_is_number(v) for v in values):
             raise _fail(f"data.{field}", data[field], "is not 1 or 3 numbers",

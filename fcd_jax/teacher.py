@@ -90,9 +90,10 @@ def reconcile(
     if arch is not None:
         model = build_vit(config.model)
         for field in ARCH_FIELDS:
-            if int(arch[field]) != int(getattr(model, field)):
+            # layer_scale / num_registers: absent from arch.json files written before them.
+            if int(arch.get(field, 0)) != int(getattr(model, field)):
                 raise CheckpointError(
-                    f"teacher checkpoint {source} has {field}={arch[field]} but the model "
+                    f"teacher checkpoint {source} has {field}={arch.get(field, 0)} but the model "
                     f"{config.model.variant} has {getattr(model, field)}: set "
                     "--config.model.variant (and model.layer_scale / model.num_registers) to "
                     "the checkpoint's, e.g. configs/X.py:teacher=dinov2_b14"

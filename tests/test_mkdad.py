@@ -160,9 +160,10 @@ def test_maps_match_numpy(sigma):
 def test_anchor_is_the_running_mean_of_the_teachers_gap_features(update):
     config = method_config(anchor_update=update, anchor_momentum=0.9)
     batches = [random_taps(seed, batch=seed + 1)[0] for seed in range(4)]  # batches of 1..4
-    anchor, seen = jnp.zeros((1, TAP_SHAPES[-1][-1])), jnp.zeros((), jnp.int32)
+    anchor, seen = jnp.zeros((1, TAP_SHAPES[-1][-1])), 0
     for teacher in batches:
-        anchor, seen = update_anchor(anchor, seen, mkdad.gap_features(teacher), config)
+        anchor = update_anchor(anchor, jnp.asarray(seen), mkdad.gap_features(teacher), config)
+        seen += teacher[-1].shape[0]
     gaps = [t[-1].astype(np.float64).mean(axis=(1, 2)) for t in batches]  # [batch, C] each
     if update == "mean":
         expected = np.concatenate(gaps).mean(axis=0)  # eq. 1 over all 10 images
@@ -209,8 +210,8 @@ def test_one_training_step_on_real_taps(backbone):
     teacher_vars = jax.jit(teacher.init)(jax.random.key(1), images)
     student_vars = jax.jit(student.init)(jax.random.key(2), images)
     teacher_taps = jax.jit(teacher.apply)(teacher_vars, images)["taps"]
-    anchor, _ = update_anchor(jnp.zeros((1, 512)), jnp.zeros(()), mkdad.gap_features(teacher_taps),
-                              config)
+    anchor = update_anchor(jnp.zeros((1, 512)), jnp.zeros(()), mkdad.gap_features(teacher_taps),
+                           config)
 
     @jax.jit
     def step(params, batch_stats):
