@@ -164,7 +164,8 @@ def anomaly_scores(
         axis=0,
     )
     patch_diff = jnp.sum(diff[..., 1:], axis=0).reshape(batch, *grid_shape)
-    scores = {"score": s_d + s_a if float(config.anchor_weight) else s_d, "s_a": s_a, "s_d": s_d, "patch_diff": patch_diff}
+    score = s_d + s_a if float(config.anchor_weight) else s_d
+    scores = {"score": score, "s_a": s_a, "s_d": s_d, "patch_diff": patch_diff}
     if image_size is not None:
         scores["map"] = anomaly_map(patch_diff, image_size, float(config.map_sigma))
     if config.image_score == "max":
