@@ -70,7 +70,8 @@ def test_a_converted_cnn_with_wrong_shapes_is_one_line(torch_reference, tmp_path
     """load_converted checks a CNN folder against ``variable_shapes`` (not the ViT's)."""
     variables, arch = convert.convert_checkpoint(torch_reference["source"])
     other = "resnet18" if arch["family"] == "vgg16" else "vgg16"
-    directory = convert.save_converted(tmp_path / "mislabelled", variables, arch | {"family": other})
+    directory = convert.save_converted(tmp_path / "mislabelled", variables,
+                                       arch | {"family": other})
     with pytest.raises(CheckpointError, match="does not fit the model") as error:
         load_pretrained(directory)
     assert "\n" not in str(error.value)
