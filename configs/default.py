@@ -152,6 +152,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.method.layers = (3, 6, 9, 11)  # groupc, 0-based block indices
     config.method.anchor_layers = (11,)
     config.method.lam = 1.0
+    # Per-term weights (paper Fig. 4): L = L_distill + lam * (anchor_weight * L_anchor +
+    # gram_weight * L_Gram); anchor_weight 0 also drops S_A from the score.
+    config.method.anchor_weight = 1.0
+    config.method.gram_weight = 1.0
     config.method.distill_form = "default"  # "default" (eq. 8 mean) | "paper" (eq. 3)
     config.method.gram_form = "default"  # "default" (||.||_F / D) | "paper" (eq. 5)
     config.method.gram_pairs = ()  # () = consecutive pairs of `layers`

@@ -53,8 +53,8 @@ NON_NEGATIVE_INTS = (
     "optim.warmup_steps", "train.epochs", "train.steps", "eval.max_heatmaps",
 )  # fmt: skip
 NON_NEGATIVE_NUMBERS = (  # model.layernorm_eps 0 means the default, 1e-6
-    "model.layernorm_eps", "method.lam", "method.map_sigma", "optim.weight_decay",
-    "optim.clip_norm",
+    "model.layernorm_eps", "method.lam", "method.anchor_weight", "method.gram_weight",
+    "method.map_sigma", "optim.weight_decay", "optim.clip_norm",
 )  # fmt: skip
 # field -> (low, high, high included), low always included
 INTERVALS = {

@@ -102,10 +102,23 @@ def _torch_blocks(keys: set[str], stage: int) -> list[int]:
     return sorted({int(m.group(1)) for k in keys if (m := re.match(rf"layer{stage}\.(\d+)\.", k))})
 
 
+def is_cnn(arch: Mapping[str, Any]) -> bool:
+    """Whether ``arch`` (an ``arch.json``) describes one of these CNN teachers, not a ViT."""
+    return arch.get("family") in FAMILIES
+
+
+def looks_like(keys: set[str]) -> bool:
+    """Whether state-dict keys are a torchvision VGG's or ResNet's (:func:`detect` decides which
+    and whether it is VGG16 / ResNet18)."""
+    return "features.0.weight" in keys or {"conv1.weight", "layer1.0.conv1.weight"} <= keys
+
+
 def detect(state_dict: Mapping[str, Any]) -> dict[str, Any] | None:
     """The ``arch`` of a torchvision VGG16 or ResNet18 state dict, ``None`` if it is neither kind
     of network; a VGG or ResNet of another depth (or VGG with batch norm) is one clear error."""
     keys = set(state_dict)
+    if not looks_like(keys):
+        return None
     if "features.0.weight" in keys:
         if any(k.startswith("features.") and k.endswith("running_mean") for k in keys):
             raise CheckpointError("this is a torchvision VGG with batch norm (vgg*_bn): the VGG "
@@ -117,7 +130,7 @@ def detect(state_dict: Mapping[str, Any]) -> dict[str, Any] | None:
             raise CheckpointError(f"this torchvision VGG has {len(convs)} convolutions at other "
                                   "places than VGG16's 13: use torchvision's vgg16 weights")
         family = "vgg16"
-    elif "conv1.weight" in keys and "layer1.0.conv1.weight" in keys:
+    else:
         blocks = tuple(len(_torch_blocks(keys, stage)) for stage in range(1, 5))
         if blocks != BLOCKS_PER_STAGE or "layer1.0.conv3.weight" in keys:
             kind = "bottleneck" if "layer1.0.conv3.weight" in keys else "basic"
@@ -125,8 +138,6 @@ def detect(state_dict: Mapping[str, Any]) -> dict[str, Any] | None:
                                   f"ResNet18 has {BLOCKS_PER_STAGE} basic blocks: use resnet18 "
                                   "weights")
         family = "resnet18"
-    else:
-        return None
     return dict(family=family, format="torchvision", **IMAGENET_NORMALISATION)
 
 
@@ -167,21 +178,24 @@ def convert(state_dict: Mapping[str, Any], arch: Mapping[str, Any]) -> Variables
     return variables
 
 
+def convert_state_dict(state_dict: Mapping[str, Any], source: Path) -> tuple[Variables, dict]:
+    """:func:`detect` then :func:`convert`; any problem is one :class:`CheckpointError` naming
+    ``source`` (what ``fcd_jax.convert.FORMATS``'s ``torchvision`` row runs)."""
+    try:
+        arch = detect(state_dict)
+        if arch is None:
+            raise CheckpointError(f"not a torchvision VGG16 or ResNet18 (first keys: "
+                                  f"{', '.join(sorted(state_dict)[:3])})")
+        return convert(state_dict, arch), arch
+    except CheckpointError as error:
+        raise CheckpointError(f"{source}: {error}") from None
+
+
 def convert_file(path: str | os.PathLike) -> tuple[Variables, dict[str, Any]]:
     """Reads a torchvision ``.safetensors`` / ``.pth`` file into ``(variables, arch)``; ``arch``
     also records ``source`` and ``source_sha256``. Any problem is one :class:`CheckpointError`."""
     path = Path(path)
-    raw = read_arrays(path)
-    state_dict = {key.removeprefix("module."): value for key, value in raw.items()}
-    try:
-        arch = detect(state_dict)
-        if arch is None:
-            raise CheckpointError(
-                f"not a torchvision VGG16 or ResNet18 (first keys: {', '.join(sorted(raw)[:3])})"
-            )
-        variables = convert(state_dict, arch)
-    except CheckpointError as error:
-        raise CheckpointError(f"{path}: {error}") from None
+    variables, arch = convert_state_dict(read_arrays(path), path)
     arch |= dict(source=str(path.resolve()), source_sha256=file_sha256(path))
     return variables, arch
 

@@ -218,7 +218,8 @@ def update_anchor(
 def fcd_loss(
     teacher_blocks: jax.Array, student_blocks: jax.Array, anchor: jax.Array, config: Any
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """L = L_distill + lam * (L_anchor + L_Gram) (METHOD.md "Losses" 4, paper eq. 6).
+    """L = L_distill + lam * (anchor_weight * L_anchor + gram_weight * L_Gram) (METHOD.md "Losses"
+    4, paper eq. 6; the per-term weights of "The paper's ablations", Fig. 4; both 1 by default).
 
     ``teacher_blocks`` may hold only the first max(layers) + 1 blocks; ``anchor`` is
     ``[len(anchor_layers), width]``; ``config`` is ``config.method``. Returns the float32 loss and
@@ -228,5 +229,6 @@ def fcd_loss(
     distill = distill_loss(teacher_blocks, student_blocks, config.layers, config.distill_form)
     gram = gram_loss(teacher_blocks, student_blocks, gram_pairs(config), config.gram_form)
     anchor_term = anchor_loss(student_blocks, anchor, config.anchor_layers)
-    loss = distill + float(config.lam) * (anchor_term + gram)
+    weighted = float(config.anchor_weight) * anchor_term + float(config.gram_weight) * gram
+    loss = distill + float(config.lam) * weighted
     return loss, {"loss": loss, "distill": distill, "gram": gram, "anchor": anchor_term}

@@ -140,8 +140,9 @@ def anomaly_scores(
     - ``s_a`` = ||T_cls - anchor|| + ||S_cls - anchor|| (eq. 7), summed over the anchor layers;
     - ``patch_diff`` = sum_{c in layers} Diff_{c,p} on the ``[batch, grid_h, grid_w]`` patch grid
       (square unless ``grid_shape`` is given);
-    - ``score``: ``image_score="paper"``: S_D + S_A (eq. 10); ``"max"``: the maximum of the
-      smoothed anomaly map, which needs ``image_size``;
+    - ``score``: ``image_score="paper"``: S_D + S_A (eq. 10), or S_D alone when
+      ``anchor_weight`` is 0 (no S_A without L_anchor, "The paper's ablations"); ``"max"``: the
+      maximum of the smoothed anomaly map, which needs ``image_size``;
     - ``map`` (only when ``image_size`` is given): :func:`anomaly_map` with sigma ``map_sigma``.
 
     ``config`` is ``config.method``.
@@ -163,7 +164,8 @@ def anomaly_scores(
         axis=0,
     )
     patch_diff = jnp.sum(diff[..., 1:], axis=0).reshape(batch, *grid_shape)
-    scores = {"score": s_d + s_a, "s_a": s_a, "s_d": s_d, "patch_diff": patch_diff}
+    score = s_d + s_a if float(config.anchor_weight) else s_d
+    scores = {"score": score, "s_a": s_a, "s_d": s_d, "patch_diff": patch_diff}
     if image_size is not None:
         scores["map"] = anomaly_map(patch_diff, image_size, float(config.map_sigma))
     if config.image_score == "max":

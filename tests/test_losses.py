@@ -30,7 +30,8 @@ def random_blocks(seed, num_layers, batch, tokens, width, scale=3.0):
 def method_config(layers, anchor_layers, pairs=(), **overrides):
     config = ml_collections.ConfigDict(
         dict(
-            layers=layers, anchor_layers=anchor_layers, lam=1.0, distill_form="default",
+            layers=layers, anchor_layers=anchor_layers, lam=1.0, anchor_weight=1.0,
+            gram_weight=1.0, distill_form="default",
             gram_form="default", gram_pairs=pairs, anchor_update="mean", anchor_momentum=0.99,
         )
     )
@@ -145,6 +146,25 @@ def test_fcd_loss_terms_match_numpy(case, distill_form, gram_form):
     assert all(value.dtype == jnp.float32 and value.shape == () for value in metrics.values())
     if len(layers) == 1 and not pairs:
         assert float(metrics["gram"]) == 0.0
+
+
+@pytest.mark.parametrize("anchor_weight, gram_weight", [(0.0, 0.0), (0.0, 1.0), (1.0, 0.0),
+                                                        (0.5, 2.0)])
+def test_fcd_loss_weights_each_term(anchor_weight, gram_weight):
+    """L = L_distill + lam * (w_anchor * L_anchor + w_gram * L_Gram) ("The paper's ablations")."""
+    num_layers, batch, tokens, width, layers, anchor_layers, pairs = CASES[2]
+    teacher, student, anchor_base = random_blocks(8, num_layers, batch, tokens, width)
+    anchor = anchor_base[list(anchor_layers)]
+    config = method_config(layers, anchor_layers, pairs, lam=0.7, anchor_weight=anchor_weight,
+                           gram_weight=gram_weight)
+    loss, _ = jax.jit(lambda t, s, a: losses.fcd_loss(t, s, a, config))(teacher, student, anchor)
+    distill = np_distill(teacher, student, layers, "default")
+    gram = np_gram(teacher, student, losses.consecutive_pairs(layers), "default")
+    anchor_term = np_anchor(student, anchor, anchor_layers)
+    want = distill + 0.7 * (anchor_weight * anchor_term + gram_weight * gram)
+    np.testing.assert_allclose(loss, want, rtol=2e-5)
+    if anchor_weight == gram_weight == 0.0:
+        np.testing.assert_allclose(loss, distill, rtol=2e-5)  # distillation alone
 
 
 def test_fcd_loss_computes_bf16_inputs_in_float32():

@@ -13,10 +13,11 @@ from fcd_jax.networks import build_networks
 from fcd_jax.preprocessing import preprocess
 
 
-def method_config(layers, anchor_layers, top_k, image_score="paper", map_sigma=1.5):
+def method_config(layers, anchor_layers, top_k, image_score="paper", map_sigma=1.5,
+                  anchor_weight=1.0):
     return ml_collections.ConfigDict(
         dict(layers=layers, anchor_layers=anchor_layers, top_k=top_k, image_score=image_score,
-             map_sigma=map_sigma)
+             map_sigma=map_sigma, anchor_weight=anchor_weight, gram_weight=1.0)
     )
 
 
@@ -90,6 +91,25 @@ def test_anomaly_scores_match_numpy(case):
     np.testing.assert_allclose(got["patch_diff"], patch_diff, rtol=1e-5)
     assert got["patch_diff"].shape == (batch, grid_h, grid_w)
     assert "map" not in got
+
+
+@pytest.mark.parametrize("anchor_weight", [0.0, 0.5])
+def test_score_drops_s_a_only_without_the_anchor_term(anchor_weight):
+    """anchor_weight 0: score = S_D (no S_A without L_anchor, "The paper's ablations"); any other
+    weight keeps eq. 10 unweighted."""
+    num_layers, batch, grid_h, grid_w, width, layers, anchor_layers, top_k = CASES[-1]
+    teacher, student, anchor_base = random_features(
+        3, num_layers, batch, 1 + grid_h * grid_w, width
+    )
+    anchor = anchor_base[list(anchor_layers)]
+    config = method_config(layers, anchor_layers, top_k, anchor_weight=anchor_weight)
+    got = jax.jit(
+        lambda t, s, a: scoring.anomaly_scores(t, s, a, config, grid_shape=(grid_h, grid_w))
+    )(teacher, student, anchor)
+    s_d, s_a, _ = np_scores(teacher, student, anchor, layers, anchor_layers, top_k, grid_w)
+    want = s_d if anchor_weight == 0.0 else s_d + s_a
+    np.testing.assert_allclose(got["score"], want, rtol=1e-5)
+    np.testing.assert_allclose(got["s_a"], s_a, rtol=1e-5)
 
 
 @pytest.mark.parametrize("k", [1, 3, 7])

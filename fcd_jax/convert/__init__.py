@@ -7,7 +7,9 @@ METHOD.md "Networks": the teacher is a pretrained ViT. Supported (one module eac
 - ``timm``: timm ``VisionTransformer`` state dicts: ViT, DeiT (distilled too), DINOv2
   (``vit_*_patch14[_reg4]_dinov2``), as a file or a timm Hub folder;
 - ``huggingface``: HuggingFace ``ViTModel``, ``DeiTModel``, ``Dinov2Model``,
-  ``Dinov2WithRegistersModel`` folders (``config.json`` + weights) or bare weights files.
+  ``Dinov2WithRegistersModel`` folders (``config.json`` + weights) or bare weights files;
+- ``torchvision``: the CNN teachers of the paper's ablations, torchvision VGG16 / ResNet18 state
+  dicts (``fcd_jax.convert_torchvision``; Flax variables instead of ViT params, any image size).
 
 ``.pth``/``.bin`` only through ``torch.load(weights_only=True)``, ``.npz`` without pickles.
 Every converter returns ``(params, arch)``: ``params`` the tree of ``fcd_jax.models.vit.ViT``
@@ -29,24 +31,29 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import flax.linen as nn
+
 from fcd_jax.convert import dinov2, google, huggingface, timm
 from fcd_jax.convert.arrays import Arrays, file_sha256, one_line, read_arrays
 from fcd_jax.convert.layout import ARCH_FIELDS, Params
 from fcd_jax.convert.positions import fit_image_size, interpolate_pos_embedding
 from fcd_jax.convert.stored import (
+    arch_fields,
     cache_key,
     check_params,
     count_params,
+    is_cnn,
     is_converted,
     load_converted,
     param_shapes,
     save_converted,
 )
 from fcd_jax.errors import CheckpointError
+from fcd_jax.models.vit import ViT
 
 __all__ = ["ARCH_FIELDS", "FORMATS", "Format", "Options", "check_params", "convert_checkpoint",
            "count_params", "interpolate_pos_embedding", "is_converted", "load_converted",
-           "load_teacher", "param_shapes", "save_converted"]
+           "load_pretrained", "load_teacher", "param_shapes", "save_converted"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +87,19 @@ def _vit(read: Callable[[Arrays, Mapping, Options], tuple[Params, dict]]):
     return convert
 
 
+def _torchvision_detect(keys: set[str], config: Mapping) -> bool:
+    from fcd_jax import convert_torchvision  # imports this package: lazily
+
+    return convert_torchvision.looks_like(keys)
+
+
+def _torchvision_convert(arrays: Arrays, config: Mapping, options: Options) -> tuple[Params, dict]:
+    """A CNN teacher's Flax variables and arch; ``options`` do not apply (no position grid)."""
+    from fcd_jax import convert_torchvision
+
+    return convert_torchvision.convert_state_dict(arrays.arrays, arrays.source)
+
+
 # Tried in order: the first whose detector accepts the file converts it (DINOv2's release before
 # timm: the same key names plus mask/register tokens).
 FORMATS: list[Format] = [
@@ -87,6 +107,7 @@ FORMATS: list[Format] = [
     Format("dinov2", dinov2.detect, _vit(dinov2.convert)),
     Format("timm", timm.detect, _vit(timm.convert)),
     Format("huggingface", huggingface.detect, _vit(huggingface.convert)),
+    Format("torchvision", _torchvision_detect, _torchvision_convert),
 ]
 
 
@@ -98,7 +119,7 @@ def convert_checkpoint(path: str | os.PathLike, *, image_size: int | None = None
     path = Path(path)
     if is_converted(path):
         params, arch = load_converted(path)
-        return fit_image_size(params, arch, image_size)
+        return (params, arch) if is_cnn(arch) else fit_image_size(params, arch, image_size)
     config: dict[str, Any] = {}
     weights = path
     if path.is_dir():
@@ -119,6 +140,19 @@ def convert_checkpoint(path: str | os.PathLike, *, image_size: int | None = None
                               f"{one_line(error)}") from error
     arch |= dict(format=found.name, source=str(path.resolve()), source_sha256=file_sha256(weights))
     return params, arch
+
+
+def load_pretrained(path: str | os.PathLike, *, image_size: int | None = None
+                    ) -> tuple[nn.Module, dict[str, Any]]:
+    """``(model, variables)`` of any supported checkpoint or converted folder, ViT or CNN:
+    ``model.apply(variables, images)`` (NHWC float32, already normalised as ``arch.json`` says)
+    gives ``{"blocks", "encoded"}`` for a ViT and ``{"taps"}`` for a CNN teacher."""
+    params, arch = convert_checkpoint(path, image_size=image_size)
+    if is_cnn(arch):
+        from fcd_jax.convert_torchvision import teacher_model
+
+        return teacher_model(arch), params
+    return ViT(**arch_fields(arch)), {"params": params}
 
 
 def load_teacher(checkpoint: str | os.PathLike, cache_dir: str | os.PathLike,

@@ -53,6 +53,13 @@ def _param_shapes(fields: tuple, image_size: int) -> Params:
     return jax.eval_shape(model.init, jax.random.key(0), images)["params"]
 
 
+def is_cnn(arch: Mapping[str, Any]) -> bool:
+    """Whether ``arch`` is a torchvision CNN teacher's (``fcd_jax.convert_torchvision``)."""
+    from fcd_jax import convert_torchvision  # imports this module: lazily
+
+    return convert_torchvision.is_cnn(arch)
+
+
 def check_params(params: Params, expected_shapes: Params) -> None:
     """Raises one-line CheckpointError on the first missing or extra key, or wrong shape."""
     got, want = _flat(params), _flat(expected_shapes)
@@ -121,6 +128,11 @@ def load_converted(directory: str | os.PathLike) -> tuple[Params, dict]:
         raise CheckpointError(f"cannot read converted checkpoint {directory}: "
                               f"{one_line(error)}; delete it to convert again") from error
     params = jax.tree.map(lambda leaf: np.asarray(leaf, np.float32), params)
+    if is_cnn(arch):  # Flax variables of a CNN teacher
+        from fcd_jax.convert_torchvision import variable_shapes
+
+        check_params(params, variable_shapes(arch))
+        return params, arch
     arch = arch_fields(arch) | arch
     check_params(params, param_shapes(arch))
     return params, arch
