@@ -55,6 +55,8 @@ NON_NEGATIVE_NUMBERS = (  # model.layernorm_eps 0 means the default, 1e-6
     "model.layernorm_eps", "method.lam", "method.map_sigma", "optim.weight_decay",
     "optim.clip_norm",
 )  # fmt: skip
+# Unset (None) means the teacher checkpoint's own value (``fcd_jax.teacher.reconcile``).
+TEACHERS_OWN = ("data.mean", "data.std", "model.layernorm_eps", "model.gelu_approximate")
 # field -> (low, high, high included), low always included
 INTERVALS = {
     "data.holdout_fraction": (0.0, 1.0, False),
@@ -95,6 +97,8 @@ def _check_simple_fields(config: ml_collections.ConfigDict) -> None:
     for fields, valid, kind, least in kinds:
         for field in fields:
             value = _value(config, field)
+            if value is None and field in TEACHERS_OWN:
+                continue
             if not valid(value):
                 raise _fail(field, value, f"must be {kind} >= {least}",
                             f"set --config.{field} to {least} or more")  # fmt: skip
@@ -114,6 +118,8 @@ def _check_data(data: ml_collections.ConfigDict) -> None:
         raise _fail("data.name", data.name, "names no known dataset",
                     f"use one or more of {', '.join(input_pipeline.DATASETS)}")  # fmt: skip
     for field in ("mean", "std"):
+        if data[field] is None:  # the teacher's own
+            continue
         values = tuple(data[field]) if isinstance(data[field], tuple | list) else (data[field],)
         if len(values) not in (1, 3) or not all(_is_number(v) for v in values):
             raise _fail(f"data.{field}", data[field], "is not 1 or 3 numbers",
