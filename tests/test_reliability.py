@@ -1,0 +1,97 @@
+"""Issue 15, second half: what a user gets wrong on the command line is one line and exit status
+2 before any work (``fcd_jax.main``), and the workdir's recorded training config neither locks a
+workdir nothing was trained in nor blocks scoring moved data (``fcd_jax.workdir``)."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from configs import folder
+from fcd_jax import main as fcd_main
+from fcd_jax import workdir
+from fcd_jax.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(tmp_path, *flags):
+    """Runs ``fcd_jax.main`` on the demo config with its workdir in ``tmp_path``."""
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", JAX_PLATFORMS="cpu")
+    return subprocess.run(
+        [sys.executable, "-m", "fcd_jax.main", "--config", "configs/demo.py:runlocal",
+         f"--workdir={tmp_path / 'work'}", *flags],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+@pytest.mark.parametrize("flag, expected", [
+    ("--config.optim.lrr=1", "fcd_jax: error: unknown config field optim.lrr: did you mean "
+                             "optim.lr?"),
+    ("--mode=bogus", "fcd_jax: error: flag --mode=bogus: value should be one of"),
+    ("--bogus=1", "fcd_jax: error: Unknown command line flag 'bogus'"),
+    ("--config.data.image_size=abc", "fcd_jax: error: flag --config.data.image_size=abc"),
+    # The second dataset's bad value fails before the first trains.
+    ("--config.per_dataset.textures.train.epochs=-1",
+     "fcd_jax: error: config.train.epochs=-1 must be an integer >= 0"),
+])
+def test_cli_errors_are_one_line_exit_2_and_write_nothing(tmp_path, flag, expected):
+    process = cli(tmp_path, flag)
+    assert process.returncode == 2, process.stderr
+    errors = [line for line in process.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith(expected), process.stderr
+    assert "Traceback" not in process.stderr
+    assert not (tmp_path / "work").exists()
+
+
+def test_library_info_is_filtered_unless_verbose():
+    library = logging.LogRecord("absl", logging.INFO, "/x/orbax/checkpoint/a.py", 1, "m", (), None)
+    ours = logging.LogRecord("absl", logging.INFO, fcd_main.__file__, 1, "m", (), None)
+    warning = logging.LogRecord("absl", logging.WARNING, "/x/orbax/a.py", 1, "m", (), None)
+    keep = fcd_main.LibraryInfoFilter().filter
+    assert not keep(library) and keep(ours) and keep(warning)
+
+
+def recorded_workdir(tmp_path, config):
+    directory = str(tmp_path / "work")
+    workdir.check_training_config(config, directory)
+    assert (tmp_path / "work" / workdir.TRAINING_CONFIG).exists()
+    return directory
+
+
+def test_a_failed_first_run_does_not_lock_the_workdir(tmp_path):
+    directory = recorded_workdir(tmp_path, folder.get_config("runlocal"))
+    changed = folder.get_config("runlocal")
+    changed.optim.lr = 0.5
+    workdir.check_training_config(changed, directory)  # nothing trained: recorded afresh
+    with open(os.path.join(directory, workdir.TRAINING_CONFIG)) as file:
+        assert json.load(file)["optim.lr"] == 0.5
+
+
+def test_trained_work_refuses_another_config_without_advising_deletion(tmp_path):
+    directory = recorded_workdir(tmp_path, folder.get_config("runlocal"))
+    os.makedirs(os.path.join(directory, "runs", "a"))
+    changed = folder.get_config("runlocal")
+    changed.optim.lr = 0.5
+    for record in (True, False):
+        with pytest.raises(ConfigError) as error:
+            workdir.check_training_config(changed, directory, record=record)
+        assert "optim.lr" in str(error.value) and "delete" not in str(error.value)
+
+
+def test_data_root_is_compared_resolved_and_not_when_scoring(tmp_path):
+    config = folder.get_config("runlocal")
+    config.data.root = str(tmp_path / "data")
+    directory = recorded_workdir(tmp_path, config)
+    os.makedirs(os.path.join(directory, "runs", "a"))
+    config.data.root = str(tmp_path / "data") + "/"
+    config.data.skip_bad_images = True
+    workdir.check_training_config(config, directory)  # same folder, same training
+    config.data.root = str(tmp_path / "moved")
+    workdir.check_training_config(config, directory, record=False)  # scoring moved data
+    with pytest.raises(ConfigError, match="data.root"):
+        workdir.check_training_config(config, directory)  # resuming training on other data
