@@ -2,13 +2,16 @@
 2 before any work (``fcd_jax.main``), and the workdir's recorded training config neither locks a
 workdir nothing was trained in nor blocks scoring moved data (``fcd_jax.workdir``)."""
 
+import csv
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from configs import folder
@@ -95,3 +98,37 @@ def test_data_root_is_compared_resolved_and_not_when_scoring(tmp_path):
     workdir.check_training_config(config, directory, record=False)  # scoring moved data
     with pytest.raises(ConfigError, match="data.root"):
         workdir.check_training_config(config, directory)  # resuming training on other data
+
+
+def test_a_folder_with_only_train_good_trains_reports_and_predicts(tmp_path):
+    """Issue 15, class 3: a user with no defect images gets a threshold, AUROC "n/a" and
+    predictions."""
+    from fixtures import make_mvtec_folder
+
+    root = make_mvtec_folder(tmp_path / "data", categories=("widget",))
+    for extra in ("test", "ground_truth"):
+        shutil.rmtree(root / "widget" / extra, ignore_errors=True)
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", JAX_PLATFORMS="cpu")
+    work = tmp_path / "work"
+
+    def run(*flags):
+        process = subprocess.run(
+            [sys.executable, "-m", "fcd_jax.main", "--config=configs/folder.py:runlocal",
+             "--config.teacher.init=random", "--config.train.steps=2",
+             f"--config.data.root={root}", f"--workdir={work}", *flags],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert process.returncode == 0, process.stderr[-3000:]
+        return process
+
+    run()
+    results = json.loads((work / "results.json").read_text())
+    (summary,) = results["runs"]
+    assert summary["image_auroc"] is None and summary["n_test"] == 0
+    assert summary["auroc_undefined"] == "no test images"
+    assert np.isfinite(summary["threshold"])
+    assert "n/a (no test images)" in (work / "results.md").read_text()
+    run("--mode=predict", f"--config.predict.inputs={root / 'widget' / 'train' / 'good'}")
+    with open(work / "predict" / "predictions.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 6 and {row["verdict"] for row in rows} <= {"normal", "anomalous"}
