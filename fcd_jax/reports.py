@@ -380,6 +380,19 @@ def plot_heatmap_grid(
     _save(figure, path)
 
 
+def heatmap_names(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """The heat-map file of each input image in predict's output folder: ``<stem>.png``, or
+    ``<stem>_<index>.png`` where two inputs share a stem."""
+    names, used = [], set()
+    for index, image_path in enumerate(paths):
+        name = Path(image_path).stem + ".png"
+        if name in used:  # same file name in two directories
+            name = f"{Path(image_path).stem}_{index}.png"
+        used.add(name)
+        names.append(name)
+    return names
+
+
 def write_predictions(
     output_dir: str | os.PathLike,
     paths: Sequence[str],
@@ -394,16 +407,13 @@ def write_predictions(
     output_dir.mkdir(parents=True, exist_ok=True)
     scores = np.asarray(scores, dtype=np.float64)
     norm = None if maps is None else _map_norm(maps)
-    used_names: set[str] = set()
+    names = heatmap_names(paths)
     rows = []
     for index, (image_path, score) in enumerate(zip(paths, scores, strict=True)):
         verdict = "anomalous" if score >= threshold else "normal"
         heatmap_name = ""
         if maps is not None and images is not None:
-            heatmap_name = Path(image_path).stem + ".png"
-            if heatmap_name in used_names:  # same file name in two directories
-                heatmap_name = f"{Path(image_path).stem}_{index}.png"
-            used_names.add(heatmap_name)
+            heatmap_name = names[index]
             figure = Figure(figsize=(6.4, 3.3), layout="constrained")
             left, right = figure.subplots(1, 2)
             _draw_image(left, images[index], Path(image_path).name)

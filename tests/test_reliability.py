@@ -17,7 +17,7 @@ import pytest
 from configs import folder
 from fcd_jax import main as fcd_main
 from fcd_jax import workdir
-from fcd_jax.errors import ConfigError
+from fcd_jax.errors import ConfigError, FcdError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,3 +132,28 @@ def test_a_folder_with_only_train_good_trains_reports_and_predicts(tmp_path):
     with open(work / "predict" / "predictions.csv") as file:
         rows = list(csv.DictReader(file))
     assert len(rows) == 6 and {row["verdict"] for row in rows} <= {"normal", "anomalous"}
+
+
+def test_predict_refuses_an_output_folder_that_overwrites_an_input(tmp_path):
+    from fcd_jax import predict
+
+    images = tmp_path / "images"
+    images.mkdir()
+    files = [images / "a.png", images / "b.jpg"]
+    for path in files:
+        path.write_bytes(b"mine")
+    with pytest.raises(FcdError, match=r"would write .*a\.png over an input image"):
+        predict.check_output_dir(str(images), files)
+    with pytest.raises(FcdError, match="over an input image"):  # a trailing slash: the same folder
+        predict.check_output_dir(str(images) + "/", files[:1])
+    predict.check_output_dir(str(images), files[1:])  # b.png beside b.jpg overwrites nothing
+    predict.check_output_dir(str(tmp_path / "out" / "new"), files)  # made later
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(FcdError, match="is a file, not a folder"):
+        predict.check_output_dir(str(tmp_path / "file" / "out"), files)
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(FcdError, match="is not writable"):
+            predict.check_output_dir(str(locked / "out"), files)
+    assert [path.read_bytes() for path in files] == [b"mine", b"mine"]
