@@ -157,3 +157,25 @@ def test_predict_refuses_an_output_folder_that_overwrites_an_input(tmp_path):
         with pytest.raises(FcdError, match="is not writable"):
             predict.check_output_dir(str(locked / "out"), files)
     assert [path.read_bytes() for path in files] == [b"mine", b"mine"]
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_that_restores(tmp_path, caplog):
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    from fcd_jax import checkpoints
+
+    tree = {"w": jnp.arange(4.0)}
+    manager = checkpoints.training_manager(str(tmp_path / "ckpt"), max_to_keep=3)
+    for step in (1, 2):
+        manager.save(step, args=ocp.args.StandardSave({"w": tree["w"] * step}))
+    manager.wait_until_finished()
+    for path in (tmp_path / "ckpt" / "2").rglob("*"):
+        if path.is_file() and "METADATA" not in path.name:
+            path.write_bytes(b"\x00garbage")
+    with caplog.at_level(logging.WARNING):
+        restored, step = checkpoints.restore_latest(manager, tree)
+    assert step == 1
+    np.testing.assert_array_equal(restored["w"], np.arange(4.0))
+    assert "checkpoint(s) 2 of" in caplog.text and "resuming from step 1" in caplog.text
+    manager.close()
