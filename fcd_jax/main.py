@@ -85,11 +85,18 @@ def parse_flags(argv: list[str]) -> list[str]:
     """``app.run``'s flag parser: a mistyped ``--config.X`` override, a bad flag value or an
     unknown flag is one ``fail`` line, not a traceback or absl's usage text."""
     try:
-        return FLAGS(argv)
+        remaining = FLAGS(argv)
+        if FLAGS.config is not None:
+            FLAGS.config.get("data")  # ml_collections reports a missing file only when read
+        return remaining
     except (KeyError, AttributeError) as error:  # ml_collections: no such config field
         fail(config_checks.mistyped_field_message(argv) or f"bad --config override: {error}")
-    except flags.Error as error:
-        fail(str(error))
+    except flags.Error as error:  # absl's text may run over lines: one line
+        fail(" ".join(str(error).split()))
+    except Exception as error:  # the --config file itself: missing, a syntax error, a bad value
+        first_line = (str(error).splitlines() or [""])[0]
+        fail(f"cannot read the flags ({type(error).__name__}: {first_line}): check --config and "
+             "its --config.X overrides")
 
 
 class LibraryInfoFilter(python_logging.Filter):

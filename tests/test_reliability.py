@@ -179,3 +179,21 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_that_restores(tmp_
     np.testing.assert_array_equal(restored["w"], np.arange(4.0))
     assert "checkpoint(s) 2 of" in caplog.text and "resuming from step 1" in caplog.text
     manager.close()
+
+
+@pytest.mark.parametrize("content, expected", [
+    (None, "fcd_jax: error: cannot read the flags (OSError"),
+    ("def get_config(:\n", "fcd_jax: error: cannot read the flags (SyntaxError"),
+])
+def test_a_missing_or_broken_config_file_is_one_line(tmp_path, content, expected):
+    config_file = tmp_path / "mine.py"
+    if content is not None:
+        config_file.write_text(content)
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", JAX_PLATFORMS="cpu")
+    process = subprocess.run(
+        [sys.executable, "-m", "fcd_jax.main", f"--config={config_file}",
+         f"--workdir={tmp_path / 'work'}"], cwd=REPO, env=env, capture_output=True, text=True,
+    )
+    assert process.returncode == 2 and process.stderr.startswith(expected), process.stderr
+    assert len(process.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "work").exists()
