@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 
 from fcd_jax import convert
 from fcd_jax.errors import CheckpointError
@@ -30,18 +31,31 @@ def abstract_like(tree: Any) -> Any:
 
 
 def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, int | None]:
-    """(restored tree, step) from the newest checkpoint, or (target, None) when there is none."""
-    step = manager.latest_step()
-    if step is None:
+    """(restored tree, step) from the newest checkpoint that restores, or (target, None) when
+    there is none. A newer one that does not restore (corrupt, e.g. a disk that filled up) is
+    passed over with a warning naming it; ``CheckpointError`` if none restores."""
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
         return target, None
-    try:
-        restored = manager.restore(step, args=ocp.args.StandardRestore(abstract_like(target)))
-    except (ValueError, KeyError, TypeError) as error:
-        raise CheckpointError(
-            f"checkpoint {manager.directory}/{step} does not fit this config "
-            f"({str(error).splitlines()[0][:200]}): use another --workdir or delete that directory"
-        ) from None
-    return restored, step
+    failures = []
+    for step in steps:
+        try:
+            restored = manager.restore(step, args=ocp.args.StandardRestore(abstract_like(target)))
+        except (ValueError, KeyError, TypeError, OSError) as error:
+            failures.append((step, str(error).splitlines()[0][:200] if str(error) else repr(error)))
+            continue
+        if failures:
+            logging.warning(
+                "checkpoint(s) %s of %s do not restore (%s): resuming from step %d",
+                ", ".join(str(failed) for failed, _ in failures), manager.directory,
+                failures[0][1], step,
+            )
+        return restored, step
+    step, reason = failures[0]
+    raise CheckpointError(
+        f"checkpoint {manager.directory}/{step} does not fit this config or is damaged "
+        f"({reason}), and no older one restores: use another --workdir or delete that directory"
+    )
 
 
 def save_tree(directory: str, tree: Any) -> None:

@@ -18,6 +18,7 @@ from fcd_jax.errors import FcdError
 from fcd_jax.evaluate import SavedRuns, evaluate_split, make_score_step
 from fcd_jax.group_trainer import GroupTrainer
 from fcd_jax.input_pipeline import load_split, select_splits
+from fcd_jax.metrics import auroc_text
 from fcd_jax.networks import build_networks
 from fcd_jax.sizing import group_size_for
 from fcd_jax.teacher import load_teacher
@@ -39,8 +40,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, directory: str) -> dic
     summaries = {name: workdir.read_finished(directory, name) for name in names}
     for name, summary in summaries.items():
         if summary is not None:
-            logging.info("run %s already finished (image AUROC %.4f): skipped", name,
-                         summary["image_auroc"])
+            logging.info("run %s already finished (image AUROC %s): skipped", name,
+                         auroc_text(summary["image_auroc"]))
     # Groups are fixed by the selection, not by what is left: a group interrupted between its
     # runs' evaluations restores its final checkpoint, since a split trained in another group
     # would differ in the last float bits.
@@ -76,8 +77,8 @@ def finish_run(config: ml_collections.ConfigDict, directory: str, summary: dict)
     if jax.process_index() == 0:
         workdir.write_finished(directory, summary)
     logging.info(
-        "run %s: image AUROC %.4f, F1 %.3f at threshold %.4f%s", summary["name"],
-        summary["image_auroc"], summary["f1"], summary["threshold"],
+        "run %s: image AUROC %s, F1 %.3f at threshold %.4f%s", summary["name"],
+        auroc_text(summary["image_auroc"]), summary["f1"], summary["threshold"],
         "" if summary["pixel_auroc"] is None
         else f", pixel AUROC {summary['pixel_auroc']:.4f}, PRO {summary['pro']:.4f}",
     )

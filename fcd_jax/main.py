@@ -1,11 +1,16 @@
 """Entry point: ``python -m fcd_jax.main --config configs/demo.py [--workdir DIR] [--mode ...]``.
 
 All logic lives in importable modules; this file parses flags, starts JAX's multi-host runtime
-when asked, logs the processes and devices, and turns user errors into one line.
+when asked, logs the processes and devices, and turns user errors (bad flags, unknown or invalid
+config fields, ``FcdError``) into one line ``fcd_jax: error: ...`` and exit status 2.
+
+Libraries' INFO logs (orbax's per-checkpoint lines, JAX's) are hidden unless ``--verbosity``
+(``-v``) is given; fcd_jax's own INFO lines and every warning always show.
 """
 
 from __future__ import annotations
 
+import logging as python_logging
 import os
 import sys
 
@@ -13,7 +18,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fcd_jax import experiment, predict
+from fcd_jax import config_checks, experiment, predict
 from fcd_jax.errors import FcdError
 
 MODES = ("train_and_eval", "eval", "predict")
@@ -32,22 +37,35 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (defaul
 flags.DEFINE_integer("num_processes", None, "Number of processes (default: autodetect).")
 flags.DEFINE_integer("process_id", None, "This process's index (default: autodetect).")
 FLAGS = flags.FLAGS
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-def run(config, workdir: str, mode: str) -> None:
-    """Runs ``mode`` for every dataset named in ``config.data.name`` (comma-separated), each with
-    its ``config.per_dataset.<name>`` overrides if the config has them. Each mode checks the
-    config, reconciled with its teacher, against the workdir's recorded one (``fcd_jax.workdir``)
-    before it trains or scores."""
-    datasets = [name.strip() for name in config.data.name.split(",") if name.strip()]
-    for dataset in datasets:
+def dataset_configs(config) -> dict:
+    """``{dataset: its config}`` for every dataset named in ``config.data.name``
+    (comma-separated), each with its ``config.per_dataset.<name>`` overrides applied."""
+    datasets = [name.strip() for name in str(config.data.name).split(",") if name.strip()]
+    configs = {}
+    for dataset in datasets or [config.data.name]:  # none: check_config names the problem
         dataset_config = config.copy_and_resolve_references()
         with dataset_config.unlocked():
             dataset_config.data.name = dataset
             overrides = dataset_config.get("per_dataset", {}).get(dataset)
             if overrides:
                 dataset_config.update(overrides)
-        dataset_workdir = workdir if len(datasets) == 1 else os.path.join(workdir, dataset)
+        configs[dataset] = dataset_config
+    return configs
+
+
+def run(config, workdir: str, mode: str) -> None:
+    """Runs ``mode`` for every dataset of ``config`` (``dataset_configs``). Every dataset's config
+    is checked (``config_checks.check_config``) before the first one trains; each mode then checks
+    the config, reconciled with its teacher, against the workdir's recorded one
+    (``fcd_jax.workdir``) before it trains or scores."""
+    configs = dataset_configs(config)
+    for dataset_config in configs.values():
+        config_checks.check_config(dataset_config)
+    for dataset, dataset_config in configs.items():
+        dataset_workdir = workdir if len(configs) == 1 else os.path.join(workdir, dataset)
         logging.info("dataset %s -> %s (%s)", dataset, dataset_workdir, mode)
         if mode == "train_and_eval":
             experiment.train_and_evaluate(dataset_config, dataset_workdir)
@@ -57,9 +75,48 @@ def run(config, workdir: str, mode: str) -> None:
             predict.predict(dataset_config, dataset_workdir)
 
 
+def fail(message: str) -> None:
+    """The one line of a user error, and exit status 2."""
+    print(f"fcd_jax: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """``app.run``'s flag parser: a mistyped ``--config.X`` override, a bad flag value or an
+    unknown flag is one ``fail`` line, not a traceback or absl's usage text."""
+    try:
+        remaining = FLAGS(argv)
+        if FLAGS.config is not None:
+            FLAGS.config.get("data")  # ml_collections reports a missing file only when read
+        return remaining
+    except (KeyError, AttributeError) as error:  # ml_collections: no such config field
+        fail(config_checks.mistyped_field_message(argv) or f"bad --config override: {error}")
+    except flags.Error as error:  # absl's text may run over lines: one line
+        fail(" ".join(str(error).split()))
+    except Exception as error:  # the --config file itself: missing, a syntax error, a bad value
+        first_line = (str(error).splitlines() or [""])[0]
+        fail(f"cannot read the flags ({type(error).__name__}: {first_line}): check --config and "
+             "its --config.X overrides")
+
+
+class LibraryInfoFilter(python_logging.Filter):
+    """Passes warnings and worse, and fcd_jax's own records; drops other modules' INFO."""
+
+    def filter(self, record: python_logging.LogRecord) -> bool:
+        return (record.levelno >= python_logging.WARNING
+                or os.path.abspath(record.pathname).startswith(PACKAGE_DIR))  # fmt: skip
+
+
+def quiet_library_logs() -> None:
+    """Without ``--verbosity``/``-v``: hides orbax's and JAX's INFO flood (issue 15, class 9)."""
+    if not FLAGS["verbosity"].present:
+        logging.get_absl_handler().addFilter(LibraryInfoFilter())
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    quiet_library_logs()
     jax.config.update("jax_threefry_partitionable", True)
     if FLAGS.distributed:
         jax.distributed.initialize(
@@ -70,14 +127,13 @@ def main(argv: list[str]) -> None:
     logging.info("JAX process %d of %d; local devices: %s; all devices: %d",
                  jax.process_index(), jax.process_count(), jax.local_devices(), jax.device_count())
     config = FLAGS.config
-    workdir = FLAGS.workdir or os.path.join("runs", config.data.name.replace(",", "+"))
+    workdir = FLAGS.workdir or os.path.join("runs", str(config.data.name).replace(",", "+"))
     try:
         run(config, workdir, FLAGS.mode)
     except FcdError as error:
-        print(f"fcd_jax: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(error))
 
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

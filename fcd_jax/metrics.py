@@ -81,6 +81,25 @@ def _rank_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(rank_sum / (n_anomalous * n_normal))
 
 
+def auroc_undefined_reason(labels: ArrayLike) -> str | None:
+    """Why image AUROC cannot be computed on test labels [n] (None when it can): it needs both
+    normal and anomalous images, and a user with no defect images has none or normal ones only."""
+    labels = _binary(labels, "labels").ravel()
+    n_anomalous = int(labels.sum())
+    if labels.size == 0:
+        return "no test images"
+    if n_anomalous == 0:
+        return "no anomalous test images"
+    if n_anomalous == labels.size:
+        return "no normal test images"
+    return None
+
+
+def auroc_text(value: float | None) -> str:
+    """An AUROC for a log line: ``0.9512``, or ``n/a`` where it is undefined (None)."""
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def image_auroc(scores: ArrayLike, labels: ArrayLike) -> float:
     """Image-level AUROC in [0, 1] (the paper's metric) of scores [n] against labels [n]."""
     scores, labels = _scores_and_labels(scores, labels)
@@ -202,13 +221,17 @@ def summarise_run(
 ) -> dict[str, Any]:
     """One run's entry of ``results.json``: every metric, as plain JSON-safe Python values.
 
-    ``pixel_auroc`` and ``pro`` are None unless both maps and masks [n, H, W] are given.
+    ``pixel_auroc`` and ``pro`` are None unless both maps and masks [n, H, W] are given; every
+    AUROC is None, with ``auroc_undefined`` saying why, on a test set without both classes
+    (a run can still set its threshold and predict).
     """
     scores, labels = _scores_and_labels(scores, labels)
-    with_pixels = maps is not None and masks is not None
+    undefined = auroc_undefined_reason(labels)
+    with_pixels = maps is not None and masks is not None and undefined is None
     return dict(
         name=str(name),
-        image_auroc=image_auroc(scores, labels),
+        image_auroc=None if undefined else image_auroc(scores, labels),
+        auroc_undefined=undefined,
         n_test=int(scores.size),
         n_anomalous=int(labels.sum()),
         threshold=float(threshold),

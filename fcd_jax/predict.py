@@ -41,6 +41,27 @@ def expand_inputs(inputs: str) -> list[Path]:
     return files
 
 
+def check_output_dir(output_dir: str, files: list[Path]) -> None:
+    """One ``FcdError`` line, before any image is scored, if predict's outputs in ``output_dir``
+    would write over an input image or the folder cannot be written."""
+    folder = Path(output_dir).resolve()
+    inputs = {path.resolve() for path in files}
+    outputs = [folder / name for name in (*reports.heatmap_names(files), reports.PREDICTIONS_CSV)]
+    clash = next((path for path in outputs if path in inputs), None)
+    if clash is not None:
+        raise FcdError(
+            f"predict would write {clash} over an input image: set --config.predict.output_dir "
+            "to a folder outside the inputs' one"
+        )
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not existing.is_dir():
+        raise FcdError(f"predict output folder {output_dir}: {existing} is a file, not a folder; "
+                       "set --config.predict.output_dir to a folder")  # fmt: skip
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FcdError(f"predict output folder {output_dir}: {existing} is not writable; set "
+                       "--config.predict.output_dir to a folder you can write")  # fmt: skip
+
+
 def trained_run(config: ml_collections.ConfigDict, workdir: str) -> str:
     """The one run to predict with: ``config.splits`` names it, or the dataset has only one."""
     names = select_splits(config)
@@ -61,13 +82,14 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
     name = trained_run(config, workdir)
     threshold = read_finished(workdir, name)["threshold"]
     files = expand_inputs(config.predict.inputs)
+    output_dir = config.predict.output_dir or os.path.join(workdir, "predict")
+    check_output_dir(output_dir, files)
     images, kept, skipped = load_images(
         files, saved.config.data.image_size, saved.config.data.skip_bad_images
     )
     if skipped:
         logging.warning("skipped %d unreadable image(s): %s", len(skipped), ", ".join(skipped))
     scored = saved.score(name, ArraySource(images))
-    output_dir = config.predict.output_dir or os.path.join(workdir, "predict")
     csv_path = reports.write_predictions(
         output_dir, [str(files[i]) for i in kept], scored.scores, threshold, scored.maps, images
     )

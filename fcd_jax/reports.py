@@ -143,7 +143,8 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     lines += ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
 
     def row(label: str, summary: Mapping[str, Any], paper: float | None, n_test: str) -> str:
-        cells = [label, _percent(summary["image_auroc"])]
+        undefined = summary.get("auroc_undefined")
+        cells = [label, f"n/a ({undefined})" if undefined else _percent(summary["image_auroc"])]
         if has_paper:
             cells += ["–" if paper is None else f"{paper:.1f}"]
             cells += [_signed(summary["image_auroc"], paper)]
@@ -208,13 +209,23 @@ def _save(figure: Figure, path: str | os.PathLike) -> None:
     figure.savefig(path, dpi=110)
 
 
+def _auroc_text(scores: np.ndarray, labels: np.ndarray) -> str:
+    """Image AUROC in %, or "n/a" where the test set lacks a class."""
+    if metrics.auroc_undefined_reason(labels):
+        return "n/a"
+    return f"{100 * metrics.image_auroc(scores, labels):.1f}"
+
+
 def _draw_roc(axes, run: Mapping[str, Any], label_with_name: bool, color=None) -> None:
-    fpr, tpr = metrics.roc_curve(run["scores"], run["labels"])
-    auroc = metrics.image_auroc(run["scores"], run["labels"])
-    label = f"{run['name']} ({100 * auroc:.1f})" if label_with_name else f"AUROC {100 * auroc:.1f}"
-    axes.plot(fpr, tpr, color=color, linewidth=1.5, label=label)
+    auroc = _auroc_text(run["scores"], run["labels"])
+    label = f"{run['name']} ({auroc})" if label_with_name else f"AUROC {auroc}"
     axes.plot([0, 1], [0, 1], color="0.6", linestyle=":", linewidth=1)
     axes.set(xlim=(0, 1), ylim=(0, 1.01), aspect="equal")
+    if auroc == "n/a":  # no ROC curve: one empty entry keeps the legend's label
+        axes.plot([], [], color=color, linewidth=1.5, label=label)
+        return
+    fpr, tpr = metrics.roc_curve(run["scores"], run["labels"])
+    axes.plot(fpr, tpr, color=color, linewidth=1.5, label=label)
 
 
 def plot_roc_curves(path: str | os.PathLike, runs: Sequence[Mapping[str, Any]]) -> None:
@@ -257,9 +268,9 @@ def plot_score_histograms(path: str | os.PathLike, runs: Sequence[Mapping[str, A
                 scores[selected], bins=bins, density=True, alpha=0.55, color=color, label=kind
             )
         axes.axvline(run["threshold"], color="black", linestyle="--", linewidth=1.2)
-        auroc = metrics.image_auroc(scores, labels)
         counts = f"{int((~labels).sum())} normal, {int(labels.sum())} anomalous"
-        axes.set_title(f"{run['name']} (AUROC {100 * auroc:.1f})\n{counts}", fontsize="small")
+        axes.set_title(f"{run['name']} (AUROC {_auroc_text(scores, labels)})\n{counts}",
+                       fontsize="small")
         axes.tick_params(labelsize="x-small")
         axes.set_yticks([])
     handles, names = grid[0].get_legend_handles_labels()
@@ -369,6 +380,19 @@ def plot_heatmap_grid(
     _save(figure, path)
 
 
+def heatmap_names(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """The heat-map file of each input image in predict's output folder: ``<stem>.png``, or
+    ``<stem>_<index>.png`` where two inputs share a stem."""
+    names, used = [], set()
+    for index, image_path in enumerate(paths):
+        name = Path(image_path).stem + ".png"
+        if name in used:  # same file name in two directories
+            name = f"{Path(image_path).stem}_{index}.png"
+        used.add(name)
+        names.append(name)
+    return names
+
+
 def write_predictions(
     output_dir: str | os.PathLike,
     paths: Sequence[str],
@@ -383,16 +407,13 @@ def write_predictions(
     output_dir.mkdir(parents=True, exist_ok=True)
     scores = np.asarray(scores, dtype=np.float64)
     norm = None if maps is None else _map_norm(maps)
-    used_names: set[str] = set()
+    names = heatmap_names(paths)
     rows = []
     for index, (image_path, score) in enumerate(zip(paths, scores, strict=True)):
         verdict = "anomalous" if score >= threshold else "normal"
         heatmap_name = ""
         if maps is not None and images is not None:
-            heatmap_name = Path(image_path).stem + ".png"
-            if heatmap_name in used_names:  # same file name in two directories
-                heatmap_name = f"{Path(image_path).stem}_{index}.png"
-            used_names.add(heatmap_name)
+            heatmap_name = names[index]
             figure = Figure(figsize=(6.4, 3.3), layout="constrained")
             left, right = figure.subplots(1, 2)
             _draw_image(left, images[index], Path(image_path).name)

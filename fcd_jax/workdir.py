@@ -10,7 +10,10 @@ A rerun of the same command resumes from its checkpoints and skips finished runs
 config that would silently continue (or keep) the old training: instead the config fields that
 change what is trained are written to ``training_config.json`` on the first run and compared on
 every later one (:func:`check_training_config`). The config checked is the one reconciled with the
-teacher (``fcd_jax.teacher``), so what is recorded is what ran.
+teacher (``fcd_jax.teacher``), so what is recorded is what ran. Paths are compared resolved
+(``data.root`` as ``os.path.realpath``); scoring a trained workdir (``record=False``) ignores where
+the data is (``LOCATION_FIELDS``), so moved data can still be scored; a workdir with no trained
+work yet (a first run that failed) is recorded afresh instead of refused.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from absl import logging
 
 from fcd_jax import reports
 from fcd_jax.errors import ConfigError
@@ -36,7 +40,10 @@ NOT_TRAINING = (
     "model.remat", "model.attention_implementation", "teacher.cache_dir", "method.top_k",
     "method.image_score", "method.map_sigma", "train.log_every", "train.checkpoint_every",
     "train.teacher_cache", "eval", "predict", "mesh_shape", "parallel_splits", "per_dataset",
+    "data.skip_bad_images",
 )
+# Where the data is: compared when training resumes, not when trained runs are scored again.
+LOCATION_FIELDS = ("data.root",)
 
 
 def file_name(run_name: str) -> str:
@@ -107,34 +114,54 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def training_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The config fields that change what is trained, dotted names to JSON values."""
     fields = flatten(json.loads(config.to_json()))
+    for name in LOCATION_FIELDS:
+        if fields.get(name):
+            fields[name] = os.path.realpath(os.path.expanduser(fields[name]))
     return {
         name: value for name, value in sorted(fields.items())
         if not any(name == skip or name.startswith(skip + ".") for skip in NOT_TRAINING)
     }
 
 
+def has_trained_work(workdir: str) -> bool:
+    """Whether ``workdir`` holds a checkpoint or a trained run (else a failed first run at most)."""
+    return any(
+        os.path.isdir(folder) and os.listdir(folder)
+        for folder in (os.path.join(workdir, "checkpoints"), os.path.join(workdir, "runs"))
+    )
+
+
 def check_training_config(
     config: ml_collections.ConfigDict, workdir: str, record: bool = True
 ) -> None:
     """One ``ConfigError`` line if ``workdir`` was trained with another training config (nothing
-    in it is touched); else, with ``record``, writes the config there if it is not yet."""
+    in it is touched); else, with ``record`` (training), writes the config there if it is not yet
+    or nothing was trained with the recorded one. Without ``record`` (scoring trained runs) the
+    ``LOCATION_FIELDS`` are not compared."""
     path = os.path.join(workdir, TRAINING_CONFIG)
     fields = training_fields(config)
     if os.path.exists(path):
         with open(path) as file:
             recorded = json.load(file)
+        if not record:
+            fields = {name: v for name, v in fields.items() if name not in LOCATION_FIELDS}
+            recorded = {name: v for name, v in recorded.items() if name not in LOCATION_FIELDS}
         changed = [
             f"{name} {recorded.get(name, '(unset)')!r} -> {fields.get(name, '(unset)')!r}"
             for name in sorted(set(recorded) | set(fields))
             if recorded.get(name) != fields.get(name)
         ]
-        if changed:
+        if not changed:
+            return
+        if not (record and not has_trained_work(workdir)):
             shown = "; ".join(changed[:4]) + (f"; {len(changed) - 4} more" if changed[4:] else "")
             raise ConfigError(
-                f"{workdir} holds runs trained with another config ({shown}): use a new "
-                f"--workdir, or delete {workdir} to train afresh"
+                f"{workdir} holds runs trained with another config ({shown}): rerun with the "
+                f"recorded values ({path}) to resume or score them, or use a new --workdir to "
+                "train with these"
             )
-        return
+        logging.warning("%s: nothing was trained with the recorded config; recording this one",
+                        workdir)
     if record and jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         reports.write_atomically(path, json.dumps(fields, indent=1))

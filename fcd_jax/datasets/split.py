@@ -12,6 +12,8 @@ from typing import Protocol
 
 import numpy as np
 
+from fcd_jax import metrics
+
 
 class ImageSource(Protocol):
     """Index-addressable uint8 images ``[h, w, c]``, all of one size (c = 1 or 3)."""
@@ -72,14 +74,7 @@ class Split:
     def auroc_undefined_reason(self) -> str | None:
         """Why image AUROC cannot be computed on this test set (None when it can): a folder with
         no ``test/``, or with normal test images only, is a legitimate split."""
-        n_anomalous = int(np.sum(self.test_labels))
-        if len(self.test_labels) == 0:
-            return "no test images"
-        if n_anomalous == 0:
-            return "no anomalous test images"
-        if n_anomalous == len(self.test_labels):
-            return "no normal test images"
-        return None
+        return metrics.auroc_undefined_reason(self.test_labels)
 
 
 def holdout_count(n: int, fraction: float) -> int:
