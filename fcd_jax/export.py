@@ -119,7 +119,9 @@ def load_artifact(path: str) -> Artifact:
         import onnx
         import onnxruntime
     except ImportError:
-        raise FcdError("ONNX artifacts need the export extra: pip install 'fcd-jax[export]'") from None
+        raise FcdError(
+            "ONNX artifacts need the export extra: pip install 'fcd-jax[export]'"
+        ) from None
     try:
         model = onnx.load(path)
         props = {p.key: p.value for p in model.metadata_props}
