@@ -140,3 +140,26 @@ def test_readme_deploy_snippets_run(run):
         exec(snippet, scope)  # noqa: S102 -- the README's own code
     np.testing.assert_allclose(scope["out"].scores, expected, rtol=1e-4)
     np.testing.assert_allclose(scope["score"], expected, rtol=1e-4)
+
+
+def test_export_cli_writes_a_loadable_artifact(run, tmp_path, shared_compilation_cache):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    output = tmp_path / "cli.npz"
+    flags = ["--config.teacher.init=random", "--config.train.steps=10",
+             "--config.train.checkpoint_every=5", "--config.eval.max_heatmaps=2",
+             f"--config.data.root={run['data_root']}"]
+    process = subprocess.run(
+        [sys.executable, "-m", "fcd_jax.export", f"--workdir={run['workdir']}",
+         "--config=configs/folder.py:runlocal", *flags, "--format=jax", f"--output={output}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", **shared_compilation_cache),
+    )
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert json.loads(process.stdout.splitlines()[-1])["run"] == "gadget"
+    batch, _, _ = load_images(run["paths"], run["detector"].image_size)
+    np.testing.assert_allclose(load_artifact(str(output))(batch)[0],
+                               load_artifact(run["jax"])(batch)[0], rtol=1e-6)
