@@ -7,7 +7,7 @@
 PYTHON ?= python3
 VENV := .venv
 PIP_LOG := $(VENV)/pip.log
-TEST_EXTRAS := test,torch
+TEST_EXTRAS := test,torch,export
 
 .PHONY: demo test
 demo: $(VENV)/.installed-demo
