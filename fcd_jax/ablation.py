@@ -107,10 +107,16 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str | os.PathLike) 
     return result
 
 
-config_flags.DEFINE_config_file(
-    "config", None, "A configs/ablations/*.py file, optionally with ':runlocal'.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Where the arms' workdirs and the comparison go.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command's flags, defined only when it runs (importing this module beside
+    ``fcd_jax.main``, which defines its own --config, must not clash)."""
+    config_flags.DEFINE_config_file(
+        "config", None, "A configs/ablations/*.py file, optionally with ':runlocal'.",
+        lock_config=True)
+    flags.DEFINE_string("workdir", None, "Where the arms' workdirs and the comparison go.")
 
 
 def main(argv: list[str]) -> None:
@@ -125,5 +131,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

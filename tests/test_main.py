@@ -350,7 +350,7 @@ def corrupt_copy(data_root, tmp_path):
 @pytest.mark.parametrize(
     "case",
     [
-        lambda root, tmp: ({"data__name": "imagenet"}, ("unknown dataset 'imagenet'", "folder")),
+        lambda root, tmp: ({"data__name": "imagenet"}, ("names no known dataset", "folder")),
         lambda root, tmp: ({"splits": "gizmo"}, ("unknown split(s) gizmo", ", ".join(CATEGORIES))),
         lambda root, tmp: ({"data__root": "/no/such/dir"}, ("missing folder /no/such/dir",)),
         corrupt_copy,

@@ -11,7 +11,8 @@ from fcd_jax.networks import BlockPlan, build_networks
 
 def method(layers, anchor_layers, pairs=(), **overrides):
     return ml_collections.ConfigDict(dict(
-        layers=layers, anchor_layers=anchor_layers, gram_pairs=pairs, lam=0.7,
+        layers=layers, anchor_layers=anchor_layers, gram_pairs=pairs, lam=0.7, anchor_weight=1.0,
+        gram_weight=1.0,
         distill_form="default", gram_form="default", anchor_update="mean", anchor_momentum=0.99,
         **overrides,
     ))
