@@ -20,6 +20,7 @@ from fcd_jax.group_trainer import GroupTrainer
 from fcd_jax.input_pipeline import load_split
 from fcd_jax.models import init_params
 from fcd_jax.networks import build_networks, split_keys
+from fcd_jax.preprocessing import preprocess
 
 
 @pytest.fixture(scope="module")
@@ -166,18 +167,35 @@ def test_a_run_killed_at_any_step_resumes_to_the_same_numbers(three, tmp_path):
 
 
 def test_a_split_trains_the_same_in_any_slot_and_stack(three, tmp_path):
-    """"c" trained in a refilled slot of a stack of 2 and "a" in stacks of 2 and 1 (after "c"
-    ends: 3 slots for 3 splits) equal each trained alone (its own seed index)."""
+    """"c" trained in a refilled slot of a stack of 2, and "a" in stacks of 2, and of 3, 2 and 1
+    (re-stacked as "c" and "b" end), equal each trained alone (its own seed index).
+
+    Not bit for bit on CPU: XLA compiles the vmapped matmuls of each stack size with another
+    summation order (slots of one stack agree exactly), about 1e-6 relative per step. The
+    attention's key bias has no true gradient (softmax is shift-invariant), so Adam scales its
+    rounding noise to lr-sized steps: it differs by up to its own size, yet changes no output."""
     config, splits = three
     _, pairs = trained_models(config, splits, tmp_path / "two", group_size=2)
     trainer, triple = trained_models(config, splits, tmp_path / "three", group_size=3)
     assert trainer.plan.sizes == (3, 2, 1)
+    networks = build_networks(config)
+    images = preprocess(splits[0].test_images.images[:16], config.data)
+
+    def outputs(model):
+        return networks.student.apply({"params": model["params"]}, images)["blocks"]
+
     for index in (0, 2):
         _, (alone,) = trained_models(
             config, [splits[index]], tmp_path / f"alone_{index}", split_indices=[index]
         )
         for grouped in (pairs[index], triple[index]):
-            jax.tree.map(np.testing.assert_array_equal, grouped, alone)
+            for (path, leaf), expected in zip(jax.tree_util.tree_leaves_with_path(grouped),
+                                              jax.tree.leaves(alone), strict=True):
+                if "['key']['bias']" not in jax.tree_util.keystr(path):
+                    scale = np.abs(expected).max()
+                    np.testing.assert_allclose(leaf, expected, rtol=0, atol=1e-4 * scale)
+            scale = np.abs(outputs(alone)).max()
+            np.testing.assert_allclose(outputs(grouped), outputs(alone), rtol=0, atol=1e-4 * scale)
 
 
 def test_leaving_the_trainer_closes_its_writers_and_checkpoint_manager(
