@@ -17,8 +17,8 @@ from fcd_jax.errors import CheckpointError
 
 
 def training_manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
-    """One manager per group of splits trained together; saves are asynchronous. Close it
-    (``GroupTrainer`` does) when the group is done."""
+    """One manager per scheduled run of splits (``GroupTrainer``); saves are asynchronous. Close
+    it (``GroupTrainer`` does) when the run is done."""
     return ocp.CheckpointManager(
         os.path.abspath(directory), options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep)
     )
