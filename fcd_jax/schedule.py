@@ -83,10 +83,6 @@ class Plan:
                 return index
         return len(self.segments) - 1
 
-    def finished_by(self, step: int) -> list[int]:
-        """The splits whose last step comes before global step ``step``."""
-        return [split for split in range(len(self.totals)) if self.ends(split) <= step]
-
     def transition(self, index: int) -> Transition:
         """How segment ``index``'s stack is built from segment ``index - 1``'s (see
         :class:`Transition`); segment 0 is built fresh (every slot incoming, IDLE slots as
