@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -16,8 +17,8 @@ from fcd_jax.errors import CheckpointError
 
 
 def training_manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
-    """One manager per group of splits trained together; saves are asynchronous. Close it
-    (``GroupTrainer`` does) when the group is done."""
+    """One manager per scheduled run of splits (``GroupTrainer``); saves are asynchronous. Close
+    it (``GroupTrainer`` does) when the run is done."""
     return ocp.CheckpointManager(
         os.path.abspath(directory), options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep)
     )
@@ -30,17 +31,22 @@ def abstract_like(tree: Any) -> Any:
     )
 
 
-def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, int | None]:
+def restore_latest(
+    manager: ocp.CheckpointManager, target: Any | Callable[[int], Any]
+) -> tuple[Any, int | None]:
     """(restored tree, step) from the newest checkpoint that restores, or (target, None) when
-    there is none. A newer one that does not restore (corrupt, e.g. a disk that filled up) is
-    passed over with a warning naming it; ``CheckpointError`` if none restores."""
+    there is none. ``target``: a tree (or ``ShapeDtypeStruct`` s with shardings) of what was
+    saved, or ``target(step)`` where that depends on the step (a scheduled run's stack size).
+    A newer one that does not restore (corrupt, e.g. a disk that filled up) is passed over with a
+    warning naming it; ``CheckpointError`` if none restores."""
     steps = sorted(manager.all_steps(), reverse=True)
     if not steps:
-        return target, None
+        return None if callable(target) else target, None
     failures = []
     for step in steps:
+        abstract = abstract_like(target(step) if callable(target) else target)
         try:
-            restored = manager.restore(step, args=ocp.args.StandardRestore(abstract_like(target)))
+            restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
         except (ValueError, KeyError, TypeError, OSError) as error:
             failures.append((step, str(error).splitlines()[0][:200] if str(error) else repr(error)))
             continue

@@ -1,9 +1,10 @@
-"""The experiment: every selected split of a dataset, trained in groups, checkpointed, scored,
-reported (``--mode=train_and_eval``), and the saved runs scored again (``--mode=eval``).
+"""The experiment: every selected split of a dataset, trained on the slots of one scheduled
+stacked program (``fcd_jax.schedule``, ``fcd_jax.group_trainer``), checkpointed, scored, reported
+(``--mode=train_and_eval``), and the saved runs scored again (``--mode=eval``).
 
 Before anything is built or recorded, the teacher is loaded and the config reconciled with its
 spec (``fcd_jax.teacher``); that config is checked against the workdir's and recorded there
-(``fcd_jax.workdir``). Finished runs are skipped; an interrupted group resumes from its last
+(``fcd_jax.workdir``). Finished runs are skipped; an interrupted run resumes from its last
 orbax checkpoint and ends with the same numbers as an uninterrupted run.
 """
 
@@ -13,7 +14,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from fcd_jax import checkpoints, workdir
+from fcd_jax import workdir
 from fcd_jax.errors import FcdError
 from fcd_jax.evaluate import SavedRuns, evaluate_split, make_score_step
 from fcd_jax.group_trainer import GroupTrainer
@@ -42,30 +43,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, directory: str) -> dic
         if summary is not None:
             logging.info("run %s already finished (image AUROC %s): skipped", name,
                          auroc_text(summary["image_auroc"]))
-    # Groups are fixed by the selection, not by what is left: a group interrupted between its
-    # runs' evaluations restores its final checkpoint, since a split trained in another group
-    # would differ in the last float bits.
+    # The schedule is fixed by the selection, not by what is left: a run interrupted between
+    # its splits' evaluations recomputes the same plan and restores its final checkpoint, so
+    # every split trains in the same slots and stacks whatever was already finished.
     todo = [name for name in names if summaries[name] is None]
-    group_size = group_size_for(config, len(names)) if todo else 1
-    for start in range(0, len(names), group_size):
-        group = names[start: start + group_size]
-        if not set(group) & set(todo):
-            continue
-        splits = [load_split(config.data, name) for name in group]
+    if todo:
+        splits = [load_split(config.data, name) for name in names]
         with GroupTrainer(
-            config, directory, splits, [names.index(name) for name in group], teacher_params,
-            networks, group_size,
+            config, directory, splits, list(range(len(names))), teacher_params, networks,
+            group_size_for(config, len(names)), save_models=todo,
         ) as trainer:
             trainer.train()
-            for split, model in zip(splits, trainer.final_models(), strict=True):
-                if split.name in todo:
-                    checkpoints.save_tree(workdir.model_dir(directory, split.name), model)
-                    summaries[split.name] = finish_run(
-                        config, directory, evaluate_split(
-                            config, split, model, trainer.teacher_params, score_step,
-                            trainer.mesh, workdir.run_dir(directory, split.name),
-                        ),
-                    )
+            models = {name: trainer.model(name) for name in todo}
+        for split in splits:
+            if split.name in models:
+                summaries[split.name] = finish_run(
+                    config, directory, evaluate_split(
+                        config, split, models[split.name], trainer.teacher_params, score_step,
+                        trainer.mesh, workdir.run_dir(directory, split.name),
+                    ),
+                )
     runs = [summaries[name] for name in names]
     if jax.process_index() == 0:
         workdir.write_reports(config, directory, runs, teacher.is_random)

@@ -209,7 +209,9 @@ def check_group_vs_sequential(config, workdir: Path) -> dict:
         "mesh_shape": [int(size) for size in group.mesh.devices.shape],
         "num_stacked": group.num_stacked,
         "totals": [int(total) for total in group.totals],
-        "group_steps": [int(step) for step in np.asarray(group.states.step)],
+        "group_steps": [group.steps_taken[split.name] for split in group.splits]
+        + [0] * (group.num_stacked - len(group.splits)),
+        "plan_sizes": list(group.plan.sizes),
         "alone_steps": alone_steps,
         "group_step_compilations": group.step_fn._cache_size(),
         "alone_step_compilations": [trainer.step_fn._cache_size() for trainer, *_ in sequential],
