@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import zipfile
 from typing import Any
 
@@ -153,17 +154,34 @@ def load_artifact(path: str) -> Artifact:
     return Artifact(header, lambda images: session.run(None, {"images": images}))
 
 
+def fail(message: str) -> None:
+    """A user error: one line ``fcd_jax: error: ...``, exit status 2 (as ``fcd_jax.main``)."""
+    print(f"fcd_jax: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
-    flags.DEFINE_string("workdir", None, "The workdir the run was trained in.", required=True)
+    flags.DEFINE_string("workdir", None, "The workdir the run was trained in.")
     flags.DEFINE_string("run", None, "The run to export (needed when the workdir has several).")
     flags.DEFINE_enum("format", "onnx", list(FORMATS), "Artifact format.")
-    flags.DEFINE_string("output", None, "The artifact file to write.", required=True)
+    flags.DEFINE_string("output", None, "The artifact file to write.")
     config_flags.DEFINE_config_file(
         "config", None, "Optional: the training config with other scoring settings (default: "
         "the workdir's recorded config).", lock_config=False)
+
+    def parse(arguments):
+        try:
+            remaining = flags.FLAGS(arguments)
+        except flags.Error as error:
+            fail(" ".join(str(error).split()))
+        missing = [f"--{name}" for name in ("workdir", "output") if not flags.FLAGS[name].value]
+        if missing:
+            fail(f"{' and '.join(missing)} missing: python -m fcd_jax.export --workdir=W "
+                 "--format=onnx|jax --output=FILE")
+        return remaining
 
     def run(_):
         from fcd_jax.detector import Detector
@@ -172,10 +190,10 @@ def main(argv: list[str] | None = None) -> None:
             detector = Detector.load(flags.FLAGS.workdir, flags.FLAGS.run, flags.FLAGS.config)
             path = export_detector(detector, flags.FLAGS.output, flags.FLAGS.format)
         except FcdError as error:
-            raise SystemExit(f"error: {error}") from None
+            fail(str(error))
         print(json.dumps({"run": detector.run, "format": flags.FLAGS.format, "output": path}))
 
-    app.run(run, argv)
+    app.run(run, argv, flags_parser=parse)
 
 
 if __name__ == "__main__":
