@@ -13,8 +13,9 @@ Each variant goes the production way: a tiny MVTec-like folder of random images 
 loaded with ``fcd_jax.export.load_artifact``. ``--workdir`` skips the training and benchmarks a
 workdir that is already trained (one variant). Before timing, the three must agree on the scores
 (``--rtol``) and verdicts of the same images. Every contestant is warmed up (compiled) at both
-batch sizes; the timed calls are interleaved (one call of each contestant per round) so that the
-drift of a shared machine hits them alike; only the ratios of one run mean anything.
+batch sizes (the agreement check is the batch-32 warm-up); the timed calls are interleaved (one
+call of each contestant per round) so that the drift of a shared machine hits them alike; only the
+ratios of one run mean anything.
 ``Detector.predict`` is timed on uint8 arrays already at ``S x S`` (no file decoding), like the
 artifacts. The last line printed is::
 
@@ -112,11 +113,11 @@ def check_agreement(calls: dict[str, Callable], images: np.ndarray, threshold: f
     return worst
 
 
-def interleaved_seconds(calls: dict[str, Callable], images: np.ndarray,
-                        rounds: int) -> dict[str, list[float]]:
+def interleaved_seconds(calls: dict[str, Callable], images: np.ndarray, rounds: int,
+                        warm_up: bool = True) -> dict[str, list[float]]:
     """Seconds of each call on ``images``, one call of each contestant per round (after one
-    untimed warm-up call each)."""
-    for call in calls.values():
+    untimed warm-up call each, unless ``warm_up`` is False: already called at this shape)."""
+    for call in calls.values() if warm_up else ():
         call(images)
     seconds = {name: [] for name in calls}
     for _ in range(rounds):
@@ -140,8 +141,8 @@ def bench_variant(args: argparse.Namespace, variant: str, directory: Path) -> di
     rng = np.random.default_rng(0)
     batch = rng.integers(0, 256, (args.throughput_batch, size, size, 3), dtype=np.uint8)
     result["max_rel_diff_vs_predict"] = check_agreement(calls, batch, info["threshold"], args.rtol)
+    throughput = interleaved_seconds(calls, batch, args.throughput_rounds, warm_up=False)
     latency = interleaved_seconds(calls, batch[:1], args.rounds)
-    throughput = interleaved_seconds(calls, batch, args.throughput_rounds)
     result["latency_ms"] = {
         name: {"median": 1e3 * statistics.median(s), "min": 1e3 * min(s),
                "samples": [1e3 * x for x in s]} for name, s in latency.items()
