@@ -44,4 +44,5 @@ for batch in $BATCHES; do
     --impls=jax --reference=jax_cpu_f32 --peak_size=8192 --no_huge_pages \
     --json="$OUT_DIR/vit_b16_bf16_batch$batch.json"
 done
+"$PYTHON" -m benchmarks.deploy_latency --variants=S/16,B/16 --json="$OUT_DIR/deploy_latency_gpu.json"
 echo "== done: $OUT_DIR/gpu.log and $OUT_DIR/*.json"

@@ -3,10 +3,12 @@
 
 ``jax``: a ``.npz`` holding ``jax.export``'s serialized program and a JSON header (read with
 ``allow_pickle=False``). ``onnx``: ``jax2onnx`` on the closed jaxpr, header in ``metadata_props``.
-Resizing from arbitrary sizes stays outside: ``fcd_jax.detector.resize_for_model``.
+Reading and resizing files of any size stays outside, in the functions ``Detector.predict`` uses:
+``fcd_jax.detector.read_for_model`` (EXIF upright, RGB, PIL bilinear to ``S x S``),
+``resize_for_model`` (arrays) and ``map_at_size`` (a map back at the input's upright size).
 
-    python -m fcd_jax.export --workdir W --config C [--config.splits=NAME] --format onnx|jax \
-        --output FILE
+    python -m fcd_jax.export --workdir W [--run NAME] --format onnx|jax --output FILE \
+        [--config C]   # optional: scoring settings other than the recorded ones
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import zipfile
 from typing import Any
 
@@ -27,12 +30,20 @@ from fcd_jax.workdir import TRAINING_CONFIG
 
 FORMATS = ("onnx", "jax")
 HEADER_KEY = "fcd_jax"
+PREPROCESSING = (
+    "files: EXIF orientation applied, RGB (gray replicated, alpha dropped), PIL bilinear resize "
+    "to S x S (fcd_jax.detector.read_for_model); maps back to the upright input size with PIL "
+    "bilinear (fcd_jax.detector.map_at_size)"
+)
 
 
 def metadata(detector) -> dict[str, Any]:
     """What an artifact records of its run."""
     config = detector.saved.config
-    with open(os.path.join(detector.saved.directory, TRAINING_CONFIG), "rb") as file:
+    path = os.path.join(detector.saved.directory, TRAINING_CONFIG)
+    if not os.path.isfile(path):
+        raise FcdError(f"{path} is missing: export a workdir that training wrote")
+    with open(path, "rb") as file:
         config_hash = hashlib.sha256(file.read()).hexdigest()
     return {
         "format_version": 1, "fcd_jax_version": fcd_jax.__version__, "run": detector.run,
@@ -41,6 +52,7 @@ def metadata(detector) -> dict[str, Any]:
         "std": np.asarray(config.data.std, np.float64).tolist(),
         "training_config_sha256": config_hash,
         "inputs": "uint8 [B, S, S, 3]", "outputs": ["score", "map", "anomalous"],
+        "preprocessing": PREPROCESSING,
     }
 
 
@@ -52,6 +64,10 @@ def export_detector(detector, path: str, format: str = "onnx") -> str:
     """Writes ``detector``'s artifact to ``path`` in ``format``; returns ``path``."""
     if format not in FORMATS:
         raise FcdError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(folder):
+        raise FcdError(f"cannot write the artifact to {path}: give a file name in an existing "
+                       "folder (--output=FOLDER/detector.onnx)")
     header = dict(metadata(detector), format=format)
     program = detector.program()
     if format == "jax":
@@ -87,7 +103,7 @@ class Artifact:
         if images.dtype != np.uint8 or images.shape[1:] != (size, size, 3) or not len(images):
             raise FcdError(
                 f"the artifact takes uint8 [B, {size}, {size}, 3], got {images.dtype} "
-                f"{list(images.shape)}: resize with fcd_jax.detector.resize_for_model"
+                f"{list(images.shape)}: read files with fcd_jax.detector.read_for_model"
             )
         return tuple(np.asarray(out) for out in self._run(images))
 
@@ -138,26 +154,46 @@ def load_artifact(path: str) -> Artifact:
     return Artifact(header, lambda images: session.run(None, {"images": images}))
 
 
+def fail(message: str) -> None:
+    """A user error: one line ``fcd_jax: error: ...``, exit status 2 (as ``fcd_jax.main``)."""
+    print(f"fcd_jax: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
-    flags.DEFINE_string("workdir", None, "The workdir the run was trained in.", required=True)
+    flags.DEFINE_string("workdir", None, "The workdir the run was trained in.")
+    flags.DEFINE_string("run", None, "The run to export (needed when the workdir has several).")
     flags.DEFINE_enum("format", "onnx", list(FORMATS), "Artifact format.")
-    flags.DEFINE_string("output", None, "The artifact file to write.", required=True)
-    config_flags.DEFINE_config_file("config", None, "The training config.", lock_config=False)
+    flags.DEFINE_string("output", None, "The artifact file to write.")
+    config_flags.DEFINE_config_file(
+        "config", None, "Optional: the training config with other scoring settings (default: "
+        "the workdir's recorded config).", lock_config=False)
+
+    def parse(arguments):
+        try:
+            remaining = flags.FLAGS(arguments)
+        except flags.Error as error:
+            fail(" ".join(str(error).split()))
+        missing = [f"--{name}" for name in ("workdir", "output") if not flags.FLAGS[name].value]
+        if missing:
+            fail(f"{' and '.join(missing)} missing: python -m fcd_jax.export --workdir=W "
+                 "--format=onnx|jax --output=FILE")
+        return remaining
 
     def run(_):
         from fcd_jax.detector import Detector
 
         try:
-            detector = Detector.load(flags.FLAGS.workdir, flags.FLAGS.config)
+            detector = Detector.load(flags.FLAGS.workdir, flags.FLAGS.run, flags.FLAGS.config)
             path = export_detector(detector, flags.FLAGS.output, flags.FLAGS.format)
         except FcdError as error:
-            raise SystemExit(f"error: {error}") from None
+            fail(str(error))
         print(json.dumps({"run": detector.run, "format": flags.FLAGS.format, "output": path}))
 
-    app.run(run, argv)
+    app.run(run, argv, flags_parser=parse)
 
 
 if __name__ == "__main__":

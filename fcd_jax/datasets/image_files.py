@@ -109,7 +109,7 @@ def to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
-def _resized(array: np.ndarray, image_size: int, resample: int) -> np.ndarray:
+def resize_to_square(array: np.ndarray, image_size: int, resample: int) -> np.ndarray:
     if array.shape[:2] == (image_size, image_size):
         return array
     resized = Image.fromarray(array).resize((image_size, image_size), resample)
@@ -124,7 +124,7 @@ def load_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
         array = to_rgb(image)
     except ValueError as error:
         raise DataError(f"cannot read image {shown(path)} ({error}); {SKIP_HINT}") from None
-    return _resized(array, image_size, Image.BILINEAR)
+    return resize_to_square(array, image_size, Image.BILINEAR)
 
 
 def mask_to_binary(mask: Image.Image) -> np.ndarray:
@@ -161,7 +161,7 @@ def load_mask(path: Path, image_path: Path, image_size: int) -> np.ndarray:
         binary = mask_to_binary(mask)
     except ValueError as error:
         raise DataError(f"cannot read mask {shown(path)} ({error}): {_MASK_HINT}") from None
-    return _resized(binary, image_size, Image.NEAREST)
+    return resize_to_square(binary, image_size, Image.NEAREST)
 
 
 def load_images(
