@@ -137,7 +137,11 @@ def _child(invocation: Invocation, stdout: Path, stderr: Path) -> None:
 
 
 def _start(invocation: Invocation, stdout: Path, stderr: Path, fresh: bool):
-    """A handle with ``poll() -> rc | None`` and ``kill()``: a forked child or a subprocess."""
+    """A handle with ``poll() -> rc | None`` and ``kill()``: a forked child or a subprocess.
+
+    The log files exist when this returns (the parent reads them while the child runs)."""
+    for path in (stdout, stderr):
+        path.touch()
     if fresh:
         env = dict(os.environ, **CHILD_ENV, **invocation.env)
         with open(stdout, "wb") as out, open(stderr, "wb") as err:
