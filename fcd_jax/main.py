@@ -10,6 +10,8 @@ Libraries' INFO logs (orbax's per-checkpoint lines, JAX's) are hidden unless ``-
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging as python_logging
 import os
 import sys
@@ -20,6 +22,7 @@ from ml_collections import config_flags
 
 from fcd_jax import config_checks, experiment, predict
 from fcd_jax.errors import FcdError
+from fcd_jax.workdir import locked, with_recorded_teacher
 
 MODES = ("train_and_eval", "eval", "predict")
 
@@ -58,21 +61,44 @@ def dataset_configs(config) -> dict:
 
 def run(config, workdir: str, mode: str) -> None:
     """Runs ``mode`` for every dataset of ``config`` (``dataset_configs``). Every dataset's config
-    is checked (``config_checks.check_config``) before the first one trains; each mode then checks
-    the config, reconciled with its teacher, against the workdir's recorded one
+    is checked (``config_checks.check_config``), and for training its data's shape
+    (``check_data_shape``: file listings only), before the first one trains; training and eval
+    hold the workdir's lock (``fcd_jax.workdir.locked``: one run at a time). Each mode then
+    checks the config, reconciled with its teacher, against the workdir's recorded one
     (``fcd_jax.workdir``) before it trains or scores."""
     configs = dataset_configs(config)
     for dataset_config in configs.values():
         config_checks.check_config(dataset_config)
-    for dataset, dataset_config in configs.items():
-        dataset_workdir = workdir if len(configs) == 1 else os.path.join(workdir, dataset)
-        logging.info("dataset %s -> %s (%s)", dataset, dataset_workdir, mode)
-        if mode == "train_and_eval":
-            experiment.train_and_evaluate(dataset_config, dataset_workdir)
-        elif mode == "eval":
-            experiment.evaluate_saved(dataset_config, dataset_workdir)
-        else:
-            predict.predict(dataset_config, dataset_workdir)
+    if mode == "train_and_eval":
+        for dataset_config in configs.values():
+            config_checks.check_data_shape(dataset_config)
+    # predict writes only its output folder; eval of a workdir that does not exist fails alone
+    one_at_a_time = mode == "train_and_eval" or (mode == "eval" and os.path.isdir(workdir))
+    with locked(workdir) if one_at_a_time else contextlib.nullcontext():
+        for dataset, dataset_config in configs.items():
+            dataset_workdir = workdir if len(configs) == 1 else os.path.join(workdir, dataset)
+            logging.info("dataset %s -> %s (%s)", dataset, dataset_workdir, mode)
+            if mode == "train_and_eval":
+                experiment.train_and_evaluate(dataset_config, dataset_workdir)
+                continue
+            dataset_config = with_recorded_teacher(dataset_config, dataset_workdir)
+            if mode == "eval":
+                experiment.evaluate_saved(dataset_config, dataset_workdir)
+            else:
+                predict.predict(dataset_config, dataset_workdir)
+
+
+# A disk that is full or cannot be written: what the user must fix, wherever the write was.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def disk_error_message(error: OSError) -> str:
+    """``error`` of a write (full disk, read-only or forbidden folder) as the one line to fix."""
+    where = f" writing {error.filename}" if error.filename else ""
+    fix = ("free some space" if error.errno in (errno.ENOSPC, errno.EDQUOT)
+           else "make it writable")  # fmt: skip
+    return (f"{os.strerror(error.errno)}{where}: {fix}, or give another --workdir (what was "
+            "already written is kept; rerun the same command to resume)")
 
 
 def fail(message: str) -> None:
@@ -132,6 +158,10 @@ def main(argv: list[str]) -> None:
         run(config, workdir, FLAGS.mode)
     except FcdError as error:
         fail(str(error))
+    except OSError as error:
+        if error.errno not in DISK_ERRNOS:
+            raise
+        fail(disk_error_message(error))
 
 
 if __name__ == "__main__":

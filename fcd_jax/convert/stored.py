@@ -134,7 +134,12 @@ def load_converted(directory: str | os.PathLike) -> tuple[Params, dict]:
         check_params(params, variable_shapes(arch))
         return params, arch
     arch = arch_fields(arch) | arch
-    check_params(params, param_shapes(arch))
+    try:
+        shapes = param_shapes(arch)
+    except Exception as error:  # a hand-edited arch.json: any value the ViT cannot take
+        raise CheckpointError(f"{directory / ARCH_FILE} does not describe a ViT "
+                              f"({one_line(error)}): convert the checkpoint again") from None
+    check_params(params, shapes)
     return params, arch
 
 
