@@ -831,7 +831,10 @@ CASES: list[Case] = [
     config_case(K4, "--config.method.map_sigma=-1"),
     folder_case(K4, "holdout_fraction=0.1 of 5 training images (rounds to 0)",
                 _five_train_images, "error", forbid=r"above 0"),
-    config_case(K4, "--config.method.layers=(3,6,9,-1)"),
+    Case(K4, "--config.method.layers=(3,6,9,-1) (-1: the last block) trains and scores",
+         "success", lambda folder: ([cli(folder, shared_data(), folder / "wd",
+                                         "--config.method.layers=(3,6,9,-1)")], [shared_data()]),
+         check=check_results(n_test=7)),  # fmt: skip
     config_case(K4, "--config.method.layers=(3,6,9,12)"),
     config_case(K4, "--config.method.anchor_layers=(12,)"),
     config_case(K4, "--config.method.gram_pairs=((3,40),)"),

@@ -89,10 +89,11 @@ def read_arrays(path: Path) -> dict[str, np.ndarray]:
         if isinstance(error, pickle.UnpicklingError):  # torch's message spans many lines
             found = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
             detail = found.group(1).strip() if found else detail
-            if detail.startswith("Unsupported global"):
+            if found:  # torch's safe loader refused what the pickle holds: not a corrupt file
                 raise CheckpointError(
-                    f"{path} holds Python objects besides tensors ({detail.split(' was ')[0]}), "
-                    "never unpickled here: save model.state_dict() alone, or use .safetensors"
+                    f"{path} holds code or Python objects besides tensors "
+                    f"({detail.split(' was ')[0]}), refused and never run here: save "
+                    "model.state_dict() alone, or use .safetensors"
                 ) from error
         raise CheckpointError(
             f"cannot read {path}: corrupt or truncated file ({detail}); download it again"
