@@ -18,6 +18,7 @@ from fcd_jax.datasets.folders import IMAGE_SUFFIXES, list_image_files, load_imag
 from fcd_jax.datasets.split import ArraySource
 from fcd_jax.errors import DataError, FcdError, WorkdirError
 from fcd_jax.evaluate import SavedRuns
+from fcd_jax.input_pipeline import named_splits
 from fcd_jax.workdir import finished_runs, read_finished
 from fcd_jax.writable import unwritable_reason
 
@@ -63,8 +64,8 @@ def trained_run(config: ml_collections.ConfigDict, workdir: str) -> str:
     """The one run to predict with: ``config.splits`` names it, or the workdir holds only one.
     The runs are the workdir's (``finished_runs``): the training data need not be there."""
     trained = finished_runs(workdir)
-    if config.splits not in ("all", "", None):
-        wanted = [name.strip() for name in str(config.splits).split(",") if name.strip()]
+    wanted = named_splits(config)
+    if wanted is not None:
         missing = [name for name in wanted if name not in trained]
         if missing:
             raise FcdError(
