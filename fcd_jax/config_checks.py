@@ -255,13 +255,13 @@ def check_holdout(num_train_images: int | None, fraction: float) -> None:
 
 def train_image_counts(config: ml_collections.ConfigDict) -> dict[str, int | None]:
     """``{split: its number of normal training images}`` for the selected splits, from the file
-    listing (folder and MVTec roots; the generated textures' spec); None where only reading the
-    data tells (tfds, digits: thousands or hundreds of images per class)."""
+    listing (folder and MVTec roots; the generated textures' spec, their folder checked); None
+    where only reading the data tells (tfds, digits: thousands or hundreds of images a class)."""
     names = input_pipeline.select_splits(config)
     if config.data.name in ("folder", "mvtec"):
         return {name: folders.train_image_count(config.data, name) for name in names}
-    if config.data.name == "textures":
-        return dict.fromkeys(names, embedded.texture_spec(config.data).n_train)
+    if config.data.name == "textures":  # where they will be generated, checked, not written
+        return dict.fromkeys(names, embedded.textures_location(config.data)[1].n_train)
     return dict.fromkeys(names)
 
 

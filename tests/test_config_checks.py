@@ -175,6 +175,18 @@ def test_data_shape_counts_the_listed_training_images(tmp_path):
         config_checks.check_data_shape(config)
 
 
+def test_data_shape_checks_the_textures_folder_without_writing(tmp_path):
+    config = importlib.import_module("configs.demo").get_config("runlocal")
+    textures = list(per_dataset_configs(config))[1]
+    (tmp_path / "mine.txt").write_text("mine")
+    textures.data.root = str(tmp_path)
+    with pytest.raises(DataError, match="is not empty and holds no generated textures"):
+        config_checks.check_data_shape(textures)
+    textures.data.root = str(tmp_path / "new")
+    config_checks.check_data_shape(textures)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+
+
 def test_smallest_holdout_fraction_is_the_smallest_that_works():
     for n in (2, 3, 5, 7, 10, 19, 150, 1000):
         smallest = config_checks.smallest_holdout_fraction(n)

@@ -147,7 +147,7 @@ def cache_key(path: Path, image_size: int | None) -> str:
     """File name, size, mtime, image size and conversion version: a change converts again."""
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
     stats = [p.stat() for p in files]
-    size, mtime = sum(s.st_size for s in stats), max(s.st_mtime_ns for s in stats)
+    size, mtime = sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)
     return f"{path.name}-{size}-{mtime}-{image_size or 'native'}-v{CONVERSION_VERSION}"
 
 
