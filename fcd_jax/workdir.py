@@ -281,13 +281,14 @@ def locked(workdir: str) -> Iterator[None]:
     except OSError as error:
         raise _unwritable(workdir, error) from None
     try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise WorkdirError(
-                f"workdir {workdir} is in use by another run ({_holder(path)}): wait for it to "
-                "finish, or use another --workdir"
-            ) from None
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)  # the holder's file as it was
+        raise WorkdirError(
+            f"workdir {workdir} is in use by another run ({_holder(path)}): wait for it to "
+            "finish, or use another --workdir"
+        ) from None
+    try:
         info = dict(pid=os.getpid(), host=socket.gethostname(),
                     started=time.strftime("%Y-%m-%d %H:%M:%S"),
                     command=" ".join(sys.argv)[:300])  # fmt: skip

@@ -263,12 +263,15 @@ def test_a_holdout_of_no_image_is_refused_before_training(tmp_path):
 
 
 def test_a_second_run_on_a_workdir_in_use_is_refused_naming_the_first(tmp_path):
+    from fixtures import make_mvtec_folder
+
+    root = make_mvtec_folder(tmp_path / "data", categories=("widget",))
     work = tmp_path / "work"
     (work / "runs").mkdir(parents=True)
     (work / "runs" / "mine.txt").write_text("results")
     before = hashes(work)
     with workdir.locked(str(work)):
-        process = folder_cli(tmp_path / "data", work, "--config.teacher.init=random")
+        process = folder_cli(root, work, "--config.teacher.init=random")
     assert_one_line_error(process, f"workdir {work} is in use by another run (process "
                                    f"{os.getpid()} on ", "wait for it to finish")
     assert {k: v for k, v in hashes(work).items() if not k.endswith(workdir.LOCK_FILE)} == before
