@@ -399,3 +399,33 @@ def test_predict_names_non_utf8_files_readably(tmp_path):
         (row,) = list(csv.DictReader(file))
     assert row["path"] == f"{tmp_path}/\\xe9t\\xe9.png" and row["verdict"] == "anomalous"
     assert (tmp_path / os.fsdecode(b"\xe9t\xe9.png")).is_file()
+
+
+class _RunsCode:
+    """Unpickling this would run ``touch <marker>``: what a hostile ``.pth`` does."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_a_pth_holding_code_is_refused_as_such_never_run(tmp_path, protocol):
+    import pickle
+
+    evil, garbage = tmp_path / "teacher.pth", tmp_path / "garbage.pth"
+    evil.write_bytes(pickle.dumps({"model": _RunsCode(tmp_path / "pwned")}, protocol=protocol))
+    garbage.write_bytes(np.random.default_rng(0).bytes(4096))
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", JAX_PLATFORMS="cpu")
+    for source, needle in ((evil, "holds code or Python objects besides tensors"),
+                           (garbage, "corrupt or truncated file")):  # fmt: skip
+        process = subprocess.run(
+            [sys.executable, "-m", "fcd_jax.convert", str(source), str(tmp_path / "out")],
+            cwd=REPO, env=env, capture_output=True, text=True,
+        )
+        errors = [line for line in process.stderr.splitlines() if line.startswith("error: ")]
+        assert process.returncode == 1 and "Traceback" not in process.stderr, process.stderr
+        assert len(errors) == 1 and needle in errors[0], process.stderr
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()
