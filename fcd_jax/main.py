@@ -14,6 +14,7 @@ import contextlib
 import errno
 import logging as python_logging
 import os
+import re
 import sys
 
 import jax
@@ -92,6 +93,24 @@ def run(config, workdir: str, mode: str) -> None:
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
+# tensorstore (orbax's writer) reports a failed write as a ValueError carrying the errno.
+_TENSORSTORE_ERRNO = re.compile(r"os_error_code='(\d+)'")
+_TENSORSTORE_FILE = re.compile(r'local file "([^"]+)"')
+
+
+def as_disk_error(error: BaseException) -> OSError | None:
+    """``error`` (or what caused it) as the ``OSError`` of a write that a full disk, a read-only
+    folder or a missing permission failed; None if it is none of these."""
+    for cause in (error, error.__cause__, error.__context__):
+        if isinstance(cause, OSError) and cause.errno in DISK_ERRNOS:
+            return cause
+        code = _TENSORSTORE_ERRNO.search(str(cause or ""))
+        if code and int(code[1]) in DISK_ERRNOS:
+            file = _TENSORSTORE_FILE.search(str(cause))
+            return OSError(int(code[1]), os.strerror(int(code[1])), file[1] if file else None)
+    return None
+
+
 def disk_error_message(error: OSError) -> str:
     """``error`` of a write (full disk, read-only or forbidden folder) as the one line to fix."""
     where = f" writing {error.filename}" if error.filename else ""
@@ -158,10 +177,11 @@ def main(argv: list[str]) -> None:
         run(config, workdir, FLAGS.mode)
     except FcdError as error:
         fail(str(error))
-    except OSError as error:
-        if error.errno not in DISK_ERRNOS:
+    except (OSError, ValueError, RuntimeError) as error:
+        disk = as_disk_error(error)
+        if disk is None:
             raise
-        fail(disk_error_message(error))
+        fail(disk_error_message(disk))
 
 
 if __name__ == "__main__":
