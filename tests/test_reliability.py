@@ -429,3 +429,22 @@ def test_a_pth_holding_code_is_refused_as_such_never_run(tmp_path, protocol):
         assert process.returncode == 1 and "Traceback" not in process.stderr, process.stderr
         assert len(errors) == 1 and needle in errors[0], process.stderr
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()
+
+
+def test_orbax_reports_a_full_disk_as_a_value_error_that_is_the_disk_line():
+    """tensorstore (orbax's writer) raises ValueError with the errno in its text."""
+    error = ValueError(
+        'RESOURCE_EXHAUSTED: Error writing local file "/w/checkpoints/a/2.orbax-checkpoint-tmp/'
+        '_sharding": Failed to write 2634 bytes to file 9: No space left on device '
+        "[os_error_code='28']"
+    )
+    disk = fcd_main.as_disk_error(error)
+    assert fcd_main.disk_error_message(disk).startswith(
+        "No space left on device writing /w/checkpoints/a/2.orbax-checkpoint-tmp/_sharding: "
+        "free some space"
+    )
+    assert fcd_main.as_disk_error(ValueError("bad shape [os_error_code='2']")) is None
+    assert fcd_main.as_disk_error(ValueError("not a disk")) is None
+    chained = RuntimeError("save failed")
+    chained.__cause__ = OSError(30, "Read-only file system", "/w/x")
+    assert "make it writable" in fcd_main.disk_error_message(fcd_main.as_disk_error(chained))
