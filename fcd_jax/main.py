@@ -4,8 +4,10 @@ All logic lives in importable modules; this file parses flags, starts JAX's mult
 when asked, logs the processes and devices, and turns user errors (bad flags, unknown or invalid
 config fields, ``FcdError``) into one line ``fcd_jax: error: ...`` and exit status 2.
 
-Libraries' INFO logs (orbax's per-checkpoint lines, JAX's) are hidden unless ``--verbosity``
-(``-v``) is given; fcd_jax's own INFO lines and every warning always show.
+Libraries' INFO logs (orbax's per-checkpoint lines, JAX's) and the stack traces of their
+warnings and errors are hidden unless ``--verbosity`` (``-v``) is given; fcd_jax's own INFO lines
+and every warning's and error's message always show. A write that fails on a full disk or a
+read-only folder (an ``OSError``, or orbax's ``ValueError`` carrying the errno) is one line too.
 """
 
 from __future__ import annotations
@@ -145,11 +147,15 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 class LibraryInfoFilter(python_logging.Filter):
-    """Passes warnings and worse, and fcd_jax's own records; drops other modules' INFO."""
+    """Passes warnings and worse, and fcd_jax's own records; drops other modules' INFO, and the
+    stack traces their warnings and errors carry (their message line stays: e.g. orbax's
+    background threads on a full disk, which ``main`` then reports as one line)."""
 
     def filter(self, record: python_logging.LogRecord) -> bool:
-        return (record.levelno >= python_logging.WARNING
-                or os.path.abspath(record.pathname).startswith(PACKAGE_DIR))  # fmt: skip
+        if os.path.abspath(record.pathname).startswith(PACKAGE_DIR):
+            return True
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return record.levelno >= python_logging.WARNING
 
 
 def quiet_library_logs() -> None:

@@ -59,6 +59,12 @@ def test_library_info_is_filtered_unless_verbose():
     warning = logging.LogRecord("absl", logging.WARNING, "/x/orbax/a.py", 1, "m", (), None)
     keep = fcd_main.LibraryInfoFilter().filter
     assert not keep(library) and keep(ours) and keep(warning)
+    try:
+        raise ValueError("RESOURCE_EXHAUSTED")
+    except ValueError:
+        failed = logging.LogRecord("absl", logging.ERROR, "/x/orbax/future.py", 1, "thread raised",
+                                   (), sys.exc_info())  # fmt: skip
+    assert keep(failed) and failed.exc_info is None  # the line, not the stack trace
 
 
 def recorded_workdir(tmp_path, config):
