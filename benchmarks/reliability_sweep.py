@@ -1,6 +1,6 @@
 """Reliability sweep (issue 15): bad and unusual inputs through the CLI, as a user types them.
 
-    python -m benchmarks.reliability_sweep [--only TEXT] [--fresh] [--out FILE]
+    python -m benchmarks.reliability_sweep [--only REGEX] [--fresh] [--out FILE]
 
 Every case of ``benchmarks/reliability_cases.py`` builds its inputs in a folder of its own (tiny
 generated image folders; ``configs/folder.py:runlocal`` with a random teacher, 2 steps), runs
@@ -137,7 +137,11 @@ def _child(invocation: Invocation, stdout: Path, stderr: Path) -> None:
 
 
 def _start(invocation: Invocation, stdout: Path, stderr: Path, fresh: bool):
-    """A handle with ``poll() -> rc | None`` and ``kill()``: a forked child or a subprocess."""
+    """A handle with ``poll() -> rc | None`` and ``kill()``: a forked child or a subprocess.
+
+    The log files exist when this returns (the parent reads them while the child runs)."""
+    for path in (stdout, stderr):
+        path.touch()
     if fresh:
         env = dict(os.environ, **CHILD_ENV, **invocation.env)
         with open(stdout, "wb") as out, open(stderr, "wb") as err:
@@ -391,14 +395,15 @@ def run_cases(cases: Sequence[Case], base: Path, fresh: bool, jobs: int,
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", default="", help="run the cases whose class or input has TEXT")
+    parser.add_argument("--only", default="", help="run the cases whose class or input matches "
+                        "this regular expression (e.g. 'clean folder|11 workdirs')")
     parser.add_argument("--fresh", action="store_true", help="real python -m subprocesses")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--jobs", type=int, default=2, help="cases run at once")
     args = parser.parse_args(argv)
     from benchmarks import reliability_cases
 
-    cases = [c for c in reliability_cases.CASES if args.only in f"{c.kind} {c.name}"]
+    cases = [c for c in reliability_cases.CASES if re.search(args.only, f"{c.kind} {c.name}")]
     if not args.fresh:
         preload()
     started = time.monotonic()

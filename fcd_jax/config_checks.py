@@ -4,13 +4,16 @@ Each check raises one ``ConfigError`` line naming the field, the bad value and t
 
 - ``check_config(config)``: the values of one dataset's config (after its ``per_dataset``
   overrides), before any data is read;
-- ``check_holdout(num_train_images, fraction)``: once the training set's size is known, that
-  ``data.holdout_fraction`` holds out at least one image for the threshold;
+- ``check_data_shape(config)``: before training, from the file listing only (nothing decoded),
+  that every selected split's ``data.holdout_fraction`` holds out at least one image
+  (``check_holdout(num_train_images, fraction)``);
 - ``mistyped_field_message(argv)``: for a ``--config.X`` override of a field that does not exist,
   the line that names the field meant (``did you mean optim.lr?``).
 
-Not here: ``method.layers`` / ``anchor_layers`` / ``gram_pairs`` (the block plan checks them
-against the model depth), the teacher checkpoint (``teacher``), the data itself (``datasets``).
+``method.layers`` / ``anchor_layers`` / ``gram_pairs`` are checked here for their type (block
+indices, pairs of them) and against the model's depth by the block plan itself
+(``networks.BlockPlan.from_method``). Not here: the teacher checkpoint (``teacher``), the images
+themselves (``datasets``).
 """
 
 from __future__ import annotations
@@ -24,11 +27,11 @@ import jax
 import ml_collections
 
 from fcd_jax import input_pipeline, losses, parallel, scoring
-from fcd_jax.datasets import embedded
+from fcd_jax.datasets import embedded, folders
 from fcd_jax.datasets.split import holdout_count
 from fcd_jax.errors import ConfigError
 from fcd_jax.models.vit import build_vit
-from fcd_jax.networks import TEACHER_SPEC_FIELDS
+from fcd_jax.networks import TEACHER_SPEC_FIELDS, BlockPlan
 
 # The names the code accepts, for the fields whose value is one of a few names.
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -129,9 +132,33 @@ def _check_data(data: ml_collections.ConfigDict) -> None:
         embedded.texture_spec(data)
 
 
+def _is_index_list(value: Any) -> bool:
+    return isinstance(value, tuple | list) and all(_is_int(block) for block in value)
+
+
+def _check_block_indices(method: ml_collections.ConfigDict, depth: int) -> None:
+    """``method.layers`` / ``anchor_layers``: block indices; ``gram_pairs``: pairs of them; all
+    inside the ``depth``-block model (``BlockPlan.from_method``)."""
+    for field in ("layers", "anchor_layers"):
+        if not _is_index_list(method[field]) or not method[field]:
+            raise _fail(f"method.{field}", method[field], "is not a list of block indices",
+                        f"give 0-based block indices, e.g. --config.method.{field}="
+                        "'(3, 6, 9, 11)'")  # fmt: skip
+    pairs = method.gram_pairs
+    if not isinstance(pairs, tuple | list) or not all(
+        _is_index_list(pair) and len(pair) == 2 for pair in pairs
+    ):
+        raise _fail("method.gram_pairs", pairs, "is not a list of block index pairs",
+                    "give pairs, e.g. --config.method.gram_pairs='((3, 6), (6, 9))', or () for "
+                    "consecutive pairs of method.layers")  # fmt: skip
+    BlockPlan.from_method(method, depth)
+
+
 def _check_model_and_method(config: ml_collections.ConfigDict) -> None:
-    """The ViT (variant, sizes) and what the image size gives: patches and top_k."""
+    """The ViT (variant, sizes), its block indices, and what the image size gives: patches and
+    top_k."""
     model = build_vit(config.model)  # ConfigError for an unknown variant
+    _check_block_indices(config.method, model.depth)
     if model.width % model.num_heads:
         raise _fail("model.num_heads", model.num_heads, f"does not divide the width {model.width}",
                     "use a divisor of model.width")  # fmt: skip
@@ -198,9 +225,18 @@ def smallest_holdout_fraction(num_train_images: int) -> float | None:
     return None
 
 
-def check_holdout(num_train_images: int, fraction: float) -> None:
+def check_holdout(num_train_images: int | None, fraction: float) -> None:
     """One ``ConfigError`` line unless ``fraction`` holds out at least one of the
-    ``num_train_images`` normal training images (the threshold is set on them)."""
+    ``num_train_images`` normal training images (the threshold is set on them); None: a count
+    not known before reading the data, large enough for any fraction above 0."""
+    if num_train_images is None:
+        if fraction > 0:
+            return
+        raise ConfigError(
+            f"config.data.holdout_fraction={fraction!r} holds out no training image, and the "
+            "threshold is set on held-out normal images: use e.g. "
+            "--config.data.holdout_fraction=0.1"
+        )
     if holdout_count(num_train_images, fraction) >= 1:
         return
     smallest = smallest_holdout_fraction(num_train_images)
@@ -215,6 +251,26 @@ def check_holdout(num_train_images: int, fraction: float) -> None:
         f"{num_train_images} training images, and the threshold is set on held-out images: use "
         f"--config.data.holdout_fraction={smallest:g} or more"
     )
+
+
+def train_image_counts(config: ml_collections.ConfigDict) -> dict[str, int | None]:
+    """``{split: its number of normal training images}`` for the selected splits, from the file
+    listing (folder and MVTec roots; the generated textures' spec, their folder checked); None
+    where only reading the data tells (tfds, digits: thousands or hundreds of images a class)."""
+    names = input_pipeline.select_splits(config)
+    if config.data.name in ("folder", "mvtec"):
+        return {name: folders.train_image_count(config.data, name) for name in names}
+    if config.data.name == "textures":  # where they will be generated, checked, not written
+        return dict.fromkeys(names, embedded.textures_location(config.data)[1].n_train)
+    return dict.fromkeys(names)
+
+
+def check_data_shape(config: ml_collections.ConfigDict) -> None:
+    """Before training, one ``FcdError`` line if the data cannot be split as configured: a
+    selected split missing its training images, or ``data.holdout_fraction`` holding out none
+    of them (``check_holdout``). Only lists files."""
+    for count in train_image_counts(config).values():
+        check_holdout(count, config.data.holdout_fraction)
 
 
 # --- Mistyped config fields on the command line ----------------------------------------------

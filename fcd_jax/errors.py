@@ -19,3 +19,7 @@ class TrainingError(FcdError):
 
 class ConfigError(FcdError, ValueError):
     """A config value that cannot work (unknown name, impossible size)."""
+
+
+class WorkdirError(FcdError):
+    """A workdir or output folder that cannot be used: in use by another run, not writable, full."""

@@ -24,7 +24,7 @@ from fcd_jax.errors import DataError, FcdError
 
 __all__ = [
     "ArraySource", "ImageSource", "MaskSource", "Split", "DATASETS", "list_splits", "load_split",
-    "select_splits", "steps_per_epoch", "train_batches", "eval_batches", "prefetch",
+    "named_splits", "select_splits", "steps_per_epoch", "train_batches", "eval_batches", "prefetch",
 ]  # fmt: skip
 
 DATASETS = ("cifar10", "cifar100", "fashion_mnist", "mvtec", "folder", "digits", "textures")
@@ -46,12 +46,19 @@ def list_splits(data_config) -> list[str]:
     raise DataError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
 
 
+def named_splits(config) -> list[str] | None:
+    """The run names ``config.splits`` lists (comma-separated), or None for "all"."""
+    if config.splits in ("all", "", None):
+        return None
+    return [name.strip() for name in str(config.splits).split(",") if name.strip()]
+
+
 def select_splits(config) -> list[str]:
     """The dataset's run names, restricted to ``config.splits`` unless it is "all"."""
     names = list_splits(config.data)
-    if config.splits in ("all", "", None):
+    wanted = named_splits(config)
+    if wanted is None:
         return names
-    wanted = [name.strip() for name in str(config.splits).split(",") if name.strip()]
     unknown = [name for name in wanted if name not in names]
     if unknown:
         raise FcdError(

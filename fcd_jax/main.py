@@ -4,14 +4,19 @@ All logic lives in importable modules; this file parses flags, starts JAX's mult
 when asked, logs the processes and devices, and turns user errors (bad flags, unknown or invalid
 config fields, ``FcdError``) into one line ``fcd_jax: error: ...`` and exit status 2.
 
-Libraries' INFO logs (orbax's per-checkpoint lines, JAX's) are hidden unless ``--verbosity``
-(``-v``) is given; fcd_jax's own INFO lines and every warning always show.
+Libraries' INFO logs (orbax's per-checkpoint lines, JAX's) and the stack traces of their
+warnings and errors are hidden unless ``--verbosity`` (``-v``) is given; fcd_jax's own INFO lines
+and every warning's and error's message always show. A write that fails on a full disk or a
+read-only folder (an ``OSError``, or orbax's ``ValueError`` carrying the errno) is one line too.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging as python_logging
 import os
+import re
 import sys
 
 import jax
@@ -20,6 +25,7 @@ from ml_collections import config_flags
 
 from fcd_jax import config_checks, experiment, predict
 from fcd_jax.errors import FcdError
+from fcd_jax.workdir import locked, with_recorded_teacher
 
 MODES = ("train_and_eval", "eval", "predict")
 
@@ -58,21 +64,62 @@ def dataset_configs(config) -> dict:
 
 def run(config, workdir: str, mode: str) -> None:
     """Runs ``mode`` for every dataset of ``config`` (``dataset_configs``). Every dataset's config
-    is checked (``config_checks.check_config``) before the first one trains; each mode then checks
-    the config, reconciled with its teacher, against the workdir's recorded one
+    is checked (``config_checks.check_config``), and for training its data's shape
+    (``check_data_shape``: file listings only), before the first one trains; training and eval
+    hold the workdir's lock (``fcd_jax.workdir.locked``: one run at a time). Each mode then
+    checks the config, reconciled with its teacher, against the workdir's recorded one
     (``fcd_jax.workdir``) before it trains or scores."""
     configs = dataset_configs(config)
     for dataset_config in configs.values():
         config_checks.check_config(dataset_config)
-    for dataset, dataset_config in configs.items():
-        dataset_workdir = workdir if len(configs) == 1 else os.path.join(workdir, dataset)
-        logging.info("dataset %s -> %s (%s)", dataset, dataset_workdir, mode)
-        if mode == "train_and_eval":
-            experiment.train_and_evaluate(dataset_config, dataset_workdir)
-        elif mode == "eval":
-            experiment.evaluate_saved(dataset_config, dataset_workdir)
-        else:
-            predict.predict(dataset_config, dataset_workdir)
+    if mode == "train_and_eval":
+        for dataset_config in configs.values():
+            config_checks.check_data_shape(dataset_config)
+    # predict writes only its output folder; eval of a workdir that does not exist fails alone
+    one_at_a_time = mode == "train_and_eval" or (mode == "eval" and os.path.isdir(workdir))
+    with locked(workdir) if one_at_a_time else contextlib.nullcontext():
+        for dataset, dataset_config in configs.items():
+            dataset_workdir = workdir if len(configs) == 1 else os.path.join(workdir, dataset)
+            logging.info("dataset %s -> %s (%s)", dataset, dataset_workdir, mode)
+            if mode == "train_and_eval":
+                experiment.train_and_evaluate(dataset_config, dataset_workdir)
+                continue
+            dataset_config = with_recorded_teacher(dataset_config, dataset_workdir)
+            if mode == "eval":
+                experiment.evaluate_saved(dataset_config, dataset_workdir)
+            else:
+                predict.predict(dataset_config, dataset_workdir)
+
+
+# A disk that is full or cannot be written: what the user must fix, wherever the write was.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+# tensorstore (orbax's writer) reports a failed write as a ValueError carrying the errno.
+_TENSORSTORE_ERRNO = re.compile(r"os_error_code='(\d+)'")
+_TENSORSTORE_FILE = re.compile(r'local file "([^"]+)"')
+
+
+def as_disk_error(error: BaseException) -> OSError | None:
+    """``error`` (or what caused it) as the ``OSError`` of a write that a full disk, a read-only
+    folder or a missing permission failed; None if it is none of these."""
+    for cause in (error, error.__cause__, error.__context__):
+        if isinstance(cause, OSError) and cause.errno in DISK_ERRNOS:
+            return cause
+        code = _TENSORSTORE_ERRNO.search(str(cause or ""))
+        if code and int(code[1]) in DISK_ERRNOS:
+            file = _TENSORSTORE_FILE.search(str(cause))
+            return OSError(int(code[1]), os.strerror(int(code[1])), file[1] if file else None)
+    return None
+
+
+def disk_error_message(error: OSError) -> str:
+    """``error`` of a write (full disk, read-only or forbidden folder) as the one line to fix."""
+    where = f" writing {error.filename}" if error.filename else ""
+    fix = ("free some space" if error.errno in (errno.ENOSPC, errno.EDQUOT)
+           else "make it writable")  # fmt: skip
+    return (f"{os.strerror(error.errno)}{where}: {fix}, or give another --workdir (what was "
+            "already written is kept; rerun the same command to resume)")
 
 
 def fail(message: str) -> None:
@@ -100,11 +147,15 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 class LibraryInfoFilter(python_logging.Filter):
-    """Passes warnings and worse, and fcd_jax's own records; drops other modules' INFO."""
+    """Passes warnings and worse, and fcd_jax's own records; drops other modules' INFO, and the
+    stack traces their warnings and errors carry (their message line stays: e.g. orbax's
+    background threads on a full disk, which ``main`` then reports as one line)."""
 
     def filter(self, record: python_logging.LogRecord) -> bool:
-        return (record.levelno >= python_logging.WARNING
-                or os.path.abspath(record.pathname).startswith(PACKAGE_DIR))  # fmt: skip
+        if os.path.abspath(record.pathname).startswith(PACKAGE_DIR):
+            return True
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return record.levelno >= python_logging.WARNING
 
 
 def quiet_library_logs() -> None:
@@ -132,6 +183,11 @@ def main(argv: list[str]) -> None:
         run(config, workdir, FLAGS.mode)
     except FcdError as error:
         fail(str(error))
+    except (OSError, ValueError, RuntimeError) as error:
+        disk = as_disk_error(error)
+        if disk is None:
+            raise
+        fail(disk_error_message(disk))
 
 
 if __name__ == "__main__":

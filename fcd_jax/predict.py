@@ -16,10 +16,11 @@ from absl import logging
 from fcd_jax import reports
 from fcd_jax.datasets.folders import IMAGE_SUFFIXES, list_image_files, load_images
 from fcd_jax.datasets.split import ArraySource
-from fcd_jax.errors import DataError, FcdError
+from fcd_jax.errors import DataError, FcdError, WorkdirError
 from fcd_jax.evaluate import SavedRuns
-from fcd_jax.input_pipeline import select_splits
-from fcd_jax.workdir import read_finished
+from fcd_jax.input_pipeline import named_splits
+from fcd_jax.workdir import finished_runs, read_finished
+from fcd_jax.writable import unwritable_reason
 
 
 def expand_inputs(inputs: str) -> list[Path]:
@@ -53,19 +54,26 @@ def check_output_dir(output_dir: str, files: list[Path]) -> None:
             f"predict would write {clash} over an input image: set --config.predict.output_dir "
             "to a folder outside the inputs' one"
         )
-    existing = next(path for path in (folder, *folder.parents) if path.exists())
-    if not existing.is_dir():
-        raise FcdError(f"predict output folder {output_dir}: {existing} is a file, not a folder; "
-                       "set --config.predict.output_dir to a folder")  # fmt: skip
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise FcdError(f"predict output folder {output_dir}: {existing} is not writable; set "
-                       "--config.predict.output_dir to a folder you can write")  # fmt: skip
+    problem = unwritable_reason(folder)
+    if problem:
+        raise WorkdirError(f"predict output folder {output_dir}: {problem}; set "
+                           "--config.predict.output_dir to a folder you can write")  # fmt: skip
 
 
 def trained_run(config: ml_collections.ConfigDict, workdir: str) -> str:
-    """The one run to predict with: ``config.splits`` names it, or the dataset has only one."""
-    names = select_splits(config)
-    trained = [name for name in names if read_finished(workdir, name) is not None]
+    """The one run to predict with: ``config.splits`` names it, or the workdir holds only one.
+    The runs are the workdir's (``finished_runs``): the training data need not be there."""
+    trained = finished_runs(workdir)
+    wanted = named_splits(config)
+    if wanted is not None:
+        missing = [name for name in wanted if name not in trained]
+        if missing:
+            raise FcdError(
+                f"run {missing[0]} is not trained in {workdir} (trained: "
+                f"{', '.join(trained) or 'none'}): pick one with --config.splits=NAME, or train "
+                "it first (--mode=train_and_eval)"
+            )
+        trained = wanted
     if len(trained) == 1:
         return trained[0]
     if not trained:

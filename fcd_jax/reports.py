@@ -26,6 +26,7 @@ from matplotlib.lines import Line2D
 from numpy.typing import ArrayLike
 
 from fcd_jax import metrics, paper_results
+from fcd_jax.datasets.image_files import shown
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -416,12 +417,13 @@ def write_predictions(
             heatmap_name = names[index]
             figure = Figure(figsize=(6.4, 3.3), layout="constrained")
             left, right = figure.subplots(1, 2)
-            _draw_image(left, images[index], Path(image_path).name)
+            _draw_image(left, images[index], shown(Path(image_path).name))
             _draw_overlay(right, images[index], maps[index], norm, "anomaly map")
             _add_colorbar(figure, norm, right, shrink=0.8)
             figure.suptitle(f"score {score:.4g} (threshold {threshold:.4g}): {verdict}")
             _save(figure, output_dir / heatmap_name)
-        rows.append([str(image_path), f"{score:.6g}", f"{threshold:.6g}", verdict, heatmap_name])
+        rows.append([shown(image_path), f"{score:.6g}", f"{threshold:.6g}", verdict,
+                     shown(heatmap_name)])  # a non-UTF-8 name as \xNN: the CSV stays UTF-8
     csv_path = output_dir / PREDICTIONS_CSV
     with open(csv_path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)

@@ -73,7 +73,8 @@ def load_teacher(config: ml_collections.ConfigDict, workdir: str) -> Teacher:
     if not teacher.checkpoint:
         raise FcdError(HOW_TO_GET_A_TEACHER)
     cache_dir = teacher.cache_dir or os.path.join(workdir, "teacher")
-    params, arch = convert.load_teacher(teacher.checkpoint, cache_dir, config.data.image_size)
+    params, arch = convert.load_teacher(teacher.checkpoint, cache_dir, config.data.image_size,
+                                        num_heads=config.model.num_heads or None)
     logging.info("teacher %s: %s", teacher.checkpoint, arch)
     return Teacher(reconcile(config, arch, teacher.checkpoint), params, False)
 

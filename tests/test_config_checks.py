@@ -2,6 +2,7 @@
 shipped config passes; mistyped ``--config.X`` fields are named with the field meant."""
 
 import importlib
+import shutil
 from pathlib import Path
 
 import jax
@@ -96,6 +97,18 @@ BAD_VALUES = [  # (overrides, *what the message says)
     ({"data.name": "cifar11"}, "config.data.name='cifar11' names no known dataset", "mvtec"),
     ({"data.std": 0.0}, "config.data.std=0.0 divides by zero",),
     ({"data.std": (0.5, 0.5)}, "config.data.std=(0.5, 0.5) is not 1 or 3 numbers",),
+    ({"method.layers": "abc"}, "config.method.layers='abc' is not a list of block indices",
+     "--config.method.layers='(3, 6, 9, 11)'"),
+    ({"method.layers": ("a", "b")}, "method.layers=('a', 'b') is not a list of block indices",),
+    ({"method.layers": (3.5,)}, "method.layers=(3.5,) is not a list of block indices",),
+    ({"method.layers": ()}, "config.method.layers=() is not a list of block indices",),
+    ({"method.anchor_layers": 11}, "method.anchor_layers=11 is not a list of block indices",),
+    ({"method.gram_pairs": (3,)}, "method.gram_pairs=(3,) is not a list of block index pairs",
+     "or () for consecutive pairs"),
+    ({"method.gram_pairs": ((3, 6, 9),)}, "is not a list of block index pairs",),
+    ({"method.layers": (3, 12)}, "method.layers (3, 12) has block indices [12] outside the "
+                                 "model's 12 blocks",),
+    ({"method.gram_pairs": ((3, 40),)}, "method.gram_pairs (3, 40) has block indices [40]",),
 ]
 
 
@@ -130,6 +143,48 @@ def test_holdout_that_leaves_no_held_out_image(num_images, fraction, needle):
     if num_images == 5:  # 5 x 0.1 = 0.5 rounds (half to even) to 0; 5 x 0.11 = 0.55 to 1
         assert "use --config.data.holdout_fraction=0.11 or more" in str(error.value)
         config_checks.check_holdout(num_images, 0.11)
+
+
+def test_negative_block_indices_count_from_the_end():
+    config_checks.check_config(folder_config(**{"method.layers": (3, 6, 9, -1)}),
+                               devices=jax.devices()[:1])  # fmt: skip
+
+
+def test_holdout_of_an_unknown_count_needs_a_fraction_above_zero():
+    config_checks.check_holdout(None, 0.01)
+    with pytest.raises(ConfigError, match=r"holdout_fraction=0.0 holds out no training image"):
+        config_checks.check_holdout(None, 0.0)
+
+
+def test_data_shape_counts_the_listed_training_images(tmp_path):
+    from fixtures import make_mvtec_folder
+
+    root = make_mvtec_folder(tmp_path / "data", categories=("a", "b"), n_train=5)
+    (root / "b" / "train" / "good" / "000.png").unlink()  # b: 4 images
+    config = folder_config(**{"data.root": str(root), "data.holdout_fraction": 0.2})
+    assert config_checks.train_image_counts(config) == {"a": 5, "b": 4}
+    config_checks.check_data_shape(config)  # 5 x 0.2 = 1, 4 x 0.2 = 0.8 -> 1
+    config.data.holdout_fraction = 0.1  # 0.5 rounds to 0
+    with pytest.raises(ConfigError, match="holds out no image of the 5 training images"):
+        config_checks.check_data_shape(config)
+    config.splits = "b"
+    with pytest.raises(ConfigError, match="holds out no image of the 4 training images.*=0.13"):
+        config_checks.check_data_shape(config)
+    shutil.rmtree(root / "b" / "train" / "good")
+    with pytest.raises(DataError, match="normal training images"):
+        config_checks.check_data_shape(config)
+
+
+def test_data_shape_checks_the_textures_folder_without_writing(tmp_path):
+    config = importlib.import_module("configs.demo").get_config("runlocal")
+    textures = list(per_dataset_configs(config))[1]
+    (tmp_path / "mine.txt").write_text("mine")
+    textures.data.root = str(tmp_path)
+    with pytest.raises(DataError, match="is not empty and holds no generated textures"):
+        config_checks.check_data_shape(textures)
+    textures.data.root = str(tmp_path / "new")
+    config_checks.check_data_shape(textures)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
 
 
 def test_smallest_holdout_fraction_is_the_smallest_that_works():

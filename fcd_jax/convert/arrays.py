@@ -69,6 +69,20 @@ READERS = {".npz": _read_npz, ".safetensors": _read_safetensors, ".pth": _read_t
            ".pt": _read_torch, ".bin": _read_torch}
 
 
+def _parses_as_pickle(path: Path) -> bool:
+    """Whether ``path`` opens with a well-formed pickle stream (``pickletools`` only reads the
+    opcodes: nothing is imported or run), as opposed to a corrupt file."""
+    import pickletools
+
+    try:
+        with path.open("rb") as handle:
+            for _ in pickletools.genops(handle):
+                pass
+        return True
+    except Exception:  # any malformed stream: ValueError, EOFError, UnicodeDecodeError, ...
+        return False
+
+
 def read_arrays(path: Path) -> dict[str, np.ndarray]:
     """Reads one weights file into ``{name: array}``; unreadable files raise CheckpointError."""
     reader = READERS.get(path.suffix.lower())
@@ -87,12 +101,16 @@ def read_arrays(path: Path) -> dict[str, np.ndarray]:
     except Exception as error:  # zip, pickle, torch and safetensors errors share no base class
         detail = one_line(error)
         if isinstance(error, pickle.UnpicklingError):  # torch's message spans many lines
-            found = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
-            detail = found.group(1).strip() if found else detail
-            if detail.startswith("Unsupported global"):
+            found = re.search(r"WeightsUnpickler error:\s*(.+)|(Trying to load unsupported "
+                              r"GLOBAL \S+)", str(error))
+            detail = (found.group(1) or found.group(2)).strip() if found else detail
+            refused = "Weights only load failed" in str(error)  # torch's safe loader said no
+            if refused and (detail.lower().startswith(("unsupported global", "trying to load"))
+                            or _parses_as_pickle(path)):  # a well-formed pickle: code, objects
                 raise CheckpointError(
-                    f"{path} holds Python objects besides tensors ({detail.split(' was ')[0]}), "
-                    "never unpickled here: save model.state_dict() alone, or use .safetensors"
+                    f"{path} holds code or Python objects besides tensors "
+                    f"({detail.split(' was ')[0]}), refused and never run here: save "
+                    "model.state_dict() alone, or use .safetensors"
                 ) from error
         raise CheckpointError(
             f"cannot read {path}: corrupt or truncated file ({detail}); download it again"

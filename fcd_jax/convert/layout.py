@@ -132,6 +132,7 @@ def infer_heads(width: int, num_heads: int | None, source) -> int:
     if width not in HEADS_BY_WIDTH:
         raise CheckpointError(
             f"{source}: cannot infer the number of heads for width {width} (not a standard "
-            "variant): pass num_heads (--num_heads)"
+            "variant): give it, --config.model.num_heads=N for training or --num_heads N for "
+            "python -m fcd_jax.convert"
         )
     return HEADS_BY_WIDTH[width]

@@ -134,7 +134,12 @@ def load_converted(directory: str | os.PathLike) -> tuple[Params, dict]:
         check_params(params, variable_shapes(arch))
         return params, arch
     arch = arch_fields(arch) | arch
-    check_params(params, param_shapes(arch))
+    try:
+        shapes = param_shapes(arch)
+    except Exception as error:  # a hand-edited arch.json: any value the ViT cannot take
+        raise CheckpointError(f"{directory / ARCH_FILE} does not describe a ViT "
+                              f"({one_line(error)}): convert the checkpoint again") from None
+    check_params(params, shapes)
     return params, arch
 
 
@@ -142,7 +147,7 @@ def cache_key(path: Path, image_size: int | None) -> str:
     """File name, size, mtime, image size and conversion version: a change converts again."""
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
     stats = [p.stat() for p in files]
-    size, mtime = sum(s.st_size for s in stats), max(s.st_mtime_ns for s in stats)
+    size, mtime = sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)
     return f"{path.name}-{size}-{mtime}-{image_size or 'native'}-v{CONVERSION_VERSION}"
 
 

@@ -223,8 +223,10 @@ def texture_spec(data_config) -> TextureSpec:
     return spec
 
 
-def textures_root(data_config) -> Path:
-    """``data_config.root`` if set, else a per-spec folder in the user cache; built on first use."""
+def textures_location(data_config) -> tuple[Path, TextureSpec, bool]:
+    """``(root, spec, built)``: ``data_config.root`` if set, else a per-spec folder in the user
+    cache, and whether the textures of ``spec`` are there already. Nothing is written; a
+    ``DataError`` line if the folder cannot take them (a file, or a folder of other files)."""
     spec = texture_spec(data_config)
     if data_config.get("root", ""):
         root = folders.resolved_root(data_config.root)
@@ -233,7 +235,7 @@ def textures_root(data_config) -> Path:
         root = cache / "fcd_jax" / spec.dir_name()
     marker = root / _COMPLETE
     if marker.is_file() and json.loads(marker.read_text()) == dataclasses.asdict(spec):
-        return root
+        return root, spec, True
     if root.exists() and not root.is_dir():
         raise DataError(f"{root} is a file: point --config.data.root to an empty or new folder")
     if root.exists() and any(root.iterdir()) and not marker.is_file():
@@ -241,7 +243,13 @@ def textures_root(data_config) -> Path:
             f"{root} is not empty and holds no generated textures; "
             "point --config.data.root to an empty or new folder"
         )
-    return build_textures(root, spec)
+    return root, spec, False
+
+
+def textures_root(data_config) -> Path:
+    """The textures' folder (``textures_location``), built on first use."""
+    root, spec, built = textures_location(data_config)
+    return root if built else build_textures(root, spec)
 
 
 def load_textures_split(data_config, name: str) -> Split:

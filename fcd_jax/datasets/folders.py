@@ -239,12 +239,23 @@ def list_folder_splits(data_config) -> list[str]:
     return chosen
 
 
+def _category_dir(data_config, name: str, root: Path | None = None) -> Path:
+    """Category ``name``'s folder: ``root`` itself when it holds ``train/`` and is named so."""
+    root = resolved_root(root) if root is not None else _root(data_config)
+    return root if (root / "train").is_dir() and root.name == name else root / name
+
+
+def train_image_count(data_config, name: str) -> int:
+    """How many normal training images category ``name`` lists (none decoded: a check before
+    any work; a ``DataError`` if the folder has none)."""
+    category_dir = _require_dir(_category_dir(data_config, name), f"category {name!r}")
+    return len(_train_files(category_dir))
+
+
 def load_root_split(data_config, name: str, root: Path | None = None) -> Split:
     """Loads category ``name`` of an MVTec-style root (``root`` overrides ``data_config.root``)."""
-    root = resolved_root(root) if root is not None else _root(data_config)
-    category_dir = root if (root / "train").is_dir() and root.name == name else root / name
     return load_folder_split(
-        category_dir,
+        _category_dir(data_config, name, root),
         name,
         image_size=data_config.image_size,
         holdout_fraction=data_config.holdout_fraction,
