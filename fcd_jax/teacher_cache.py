@@ -4,7 +4,8 @@ The teacher is frozen and the step has no augmentation, so its features (``train
 teacher_features``: the blocks the losses read) of a training image are the same at every step.
 A group whose images are seen more than once can compute them once, keep them on the devices of
 their split, and run the step that reads them instead of the teacher (a quarter of its FLOPs):
-the very same numbers. ``train.teacher_cache``: "on", "off", or "auto" (:func:`use_teacher_cache`).
+the very same numbers (a CNN's to float32 rounding: the cached teacher runs in another
+program). ``train.teacher_cache``: "on", "off", or "auto" (:func:`use_teacher_cache`).
 
 The cache is a pytree like the features (an array for a ViT, a tuple of taps for a CNN), each
 leaf ``[splits, images, ...]``: one row per image, its batch axis moved first
