@@ -41,6 +41,12 @@ HOW_TO_GET_A_TEACHER = (
     "google/vit-base-patch16-224 directory, then pass --config.teacher.checkpoint=PATH "
     "(converted once and cached; `python -m fcd_jax.convert SRC DST` converts ahead of time)"
 )
+HOW_TO_GET_A_CNN_TEACHER = (
+    "no teacher checkpoint: model.backbone={backbone!r} needs torchvision's ImageNet {backbone} "
+    "weights ({backbone}-*.pth from download.pytorch.org/models): convert them once with "
+    "`python -m fcd_jax.convert {backbone}.pth teachers/{backbone}` and pass "
+    "--config.teacher.checkpoint=teachers/{backbone}"
+)
 ARCH_FIELDS = (
     "patch_size", "width", "depth", "num_heads", "mlp_dim", "layer_scale", "num_registers",
 )
@@ -83,6 +89,8 @@ def load_teacher(config: ml_collections.ConfigDict, workdir: str) -> Teacher:
     if teacher.init != "pretrained":
         raise FcdError(f"unknown teacher.init {teacher.init!r}: use 'pretrained' or 'random'")
     if not teacher.checkpoint:
+        if is_cnn_config(config):
+            raise FcdError(HOW_TO_GET_A_CNN_TEACHER.format(backbone=config.model.backbone))
         raise FcdError(HOW_TO_GET_A_TEACHER)
     cache_dir = teacher.cache_dir or os.path.join(workdir, "teacher")
     params, arch = convert.load_teacher(teacher.checkpoint, cache_dir, config.data.image_size)
