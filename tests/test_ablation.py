@@ -112,7 +112,7 @@ def test_backbones_runlocal_runs_every_backbone_end_to_end(tmp_path):
     assert result["teacher_is_random"]
     for arm in result["arms"]:
         recorded = json.loads((tmp_path / arm / "training_config.json").read_text())
-        assert recorded["model"]["backbone"] == arm.split("+")[0]
+        assert recorded["model.backbone"] == arm.split("+")[0]
         auroc = result["metrics"]["image_auroc"]["rows"]["0"][arm]
         assert 0.0 <= auroc <= 1.0
     assert "| run | vgg16+anchor | resnet18 | vit+anchor |" in (
