@@ -140,6 +140,13 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.attention_implementation = ""  # "" (auto), "xla" or "cudnn"
     config.model.layer_scale = False  # per-channel ls1/ls2 on each block's branches (DINOv2)
     config.model.num_registers = 0  # register tokens after cls (DINOv2 _reg: 4; DeiT distilled: 1)
+    # The paper's CNN ablations (METHOD.md "The paper's ablations"; configs/ablations/backbones.py):
+    # "vit" | "vgg16" (teacher VGG16, student MKDAD's cloner) | "resnet18" (both ResNet18). A CNN
+    # takes MKDAD's loss and score (method.loss_taps, score_taps, lambda_mse) and refuses L_Gram:
+    # set method.gram_weight=0 with it. The ViT fields above do not apply to a CNN.
+    config.model.backbone = "vit"
+    config.model.cloner = "equal"  # the VGG student's widths: "equal" (VGG16's) | "small" (MKDAD's)
+    config.model.cnn_width_divisor = 1  # > 1: both CNNs that much narrower (random teachers only)
 
     config.teacher = ml_collections.ConfigDict()
     # .npz (Google), .safetensors / .pth (timm), a HuggingFace directory, or a converted directory.
@@ -166,6 +173,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.method.top_k = 20
     config.method.image_score = "paper"  # "paper" (S_D + S_A, eq. 10) | "max" (max of the map)
     config.method.map_sigma = 4.0  # Gaussian smoothing of the upsampled anomaly map, in pixels
+    # CNN backbones only: 0-based taps of the loss and the score, () = METHOD.md's (VGG16: loss
+    # (3, 6, 9, 12), score (6, 9, 12); ResNet18: all four); MKDAD's MSE weight (0.5 on MVTec AD).
+    config.method.loss_taps = ()
+    config.method.score_taps = ()
+    config.method.lambda_mse = 0.01
 
     # Optimiser: SGD with linear warmup (paper section 4.1); clipping keeps the printed lr stable.
     config.optim = ml_collections.ConfigDict()

@@ -55,21 +55,30 @@ def _mean(values: list[float | None]) -> float | None:
 
 def comparison(arm_results: Mapping[str, Mapping[str, Any]], statement: str) -> dict[str, Any]:
     """``ablation.json``: per metric, ``{"rows": {run: {arm: value}}, "mean": {arm: value}}``
-    (values in [0, 1], None where a run lacks the metric), the arms, the statement, and whether
-    the teacher was random."""
+    (values in [0, 1], None where a run lacks the metric or an arm the run: arms on other
+    datasets have other runs; each arm's mean is over its own runs), the arms, the runs (every
+    arm's, in order of first appearance), the statement, and whether the teacher was random."""
     arms = list(arm_results)
-    runs = [run["name"] for run in next(iter(arm_results.values()))["runs"]]
     by_arm = {arm: {run["name"]: run for run in result["runs"]} for arm, result in
               arm_results.items()}
+    runs = list(dict.fromkeys(run for arm in arms for run in by_arm[arm]))
     tables = {}
     for metric in METRICS:
-        rows = {run: {arm: by_arm[arm][run].get(metric) for arm in arms} for run in runs}
+        rows = {run: {arm: by_arm[arm].get(run, {}).get(metric) for arm in arms} for run in runs}
         if any(value is not None for row in rows.values() for value in row.values()):
-            mean = {arm: _mean([rows[run][arm] for run in runs]) for arm in arms}
+            mean = {arm: _mean([rows[run][arm] for run in by_arm[arm]]) for arm in arms}
             tables[metric] = {"rows": rows, "mean": mean}
     random = any(result["teacher_is_random"] for result in arm_results.values())
     return dict(arms=arms, runs=runs, statement=statement, teacher_is_random=random,
-                metrics=tables)
+                metrics=tables, arm_runs={arm: list(by_arm[arm]) for arm in arms})
+
+
+def arm_groups(result: Mapping[str, Any]) -> list[list[str]]:
+    """The arms in groups that share their runs (one dataset each), in table order."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for arm in result["arms"]:
+        groups.setdefault(tuple(result["arm_runs"][arm]), []).append(arm)
+    return list(groups.values())
 
 
 def _percent(value: float | None) -> str:
@@ -77,19 +86,22 @@ def _percent(value: float | None) -> str:
 
 
 def comparison_markdown(result: Mapping[str, Any]) -> str:
-    """``ablation.md``: one table per metric (in %), arms as columns, runs as rows, the mean."""
-    arms = result["arms"]
+    """``ablation.md``: one table per metric (in %) and group of arms that share their runs
+    (:func:`arm_groups`: one per dataset), arms as columns, runs as rows, the mean."""
     lines = ["# Ablation", ""]
     if result["teacher_is_random"]:
         lines += [f"**{RANDOM_TEACHER_WARNING}**", ""]
     lines += [result["statement"], "", "Each arm's own reports: `<arm>/results.md`.", ""]
     for metric, table in result["metrics"].items():
-        lines += [f"## {metric.replace('_', ' ')} (%)", "",
-                  "| run | " + " | ".join(arms) + " |", "| --- |" + " ---: |" * len(arms)]
-        for run, row in table["rows"].items():
-            lines.append(f"| {run} | " + " | ".join(_percent(row[arm]) for arm in arms) + " |")
-        lines += [f"| **mean of {len(table['rows'])}** | "
-                  + " | ".join(_percent(table["mean"][arm]) for arm in arms) + " |", ""]
+        lines += [f"## {metric.replace('_', ' ')} (%)", ""]
+        for arms in arm_groups(result):
+            runs = result["arm_runs"][arms[0]]
+            lines += ["| run | " + " | ".join(arms) + " |", "| --- |" + " ---: |" * len(arms)]
+            for run in runs:
+                row = table["rows"][run]
+                lines.append(f"| {run} | " + " | ".join(_percent(row[arm]) for arm in arms) + " |")
+            lines += [f"| **mean of {len(runs)}** | "
+                      + " | ".join(_percent(table["mean"][arm]) for arm in arms) + " |", ""]
     return "\n".join(lines)
 
 

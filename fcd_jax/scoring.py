@@ -18,6 +18,7 @@ import numpy as np
 
 from fcd_jax.errors import FcdError
 from fcd_jax.losses import anchor_distance, cls_tokens, select_layers, token_diff
+from fcd_jax.models.vit import ViT
 
 IMAGE_SCORES = ("paper", "max")
 GAUSSIAN_TRUNCATE = 4.0  # kernel radius in sigmas, as scipy.ndimage.gaussian_filter
@@ -187,7 +188,11 @@ def score_images(
 ) -> dict[str, jax.Array]:
     """From normalised NHWC images to :func:`anomaly_scores` with the ``map`` at ``image_size``
     (pure; ``evaluate.make_score_step`` calls it inside its jitted step). ``method_config``
-    holds the block plan's indices (``networks.BlockPlan.method``)."""
+    holds the block plan's indices (``networks.BlockPlan.method``). A CNN backbone's models are
+    scored by :func:`score_cnn_images`."""
+    if not isinstance(student_model, ViT):
+        return score_cnn_images(teacher_model, student_model, teacher_params, student_params,
+                                anchor, images, method_config, image_size)
     teacher_blocks = teacher_model.apply({"params": teacher_params}, images)["blocks"]
     student_blocks = student_model.apply({"params": student_params}, images)["blocks"]
     patch = student_model.patch_size
@@ -195,4 +200,30 @@ def score_images(
     return anomaly_scores(
         teacher_blocks, student_blocks, anchor, method_config,
         grid_shape=grid_shape, image_size=_image_hw(image_size),
+    )
+
+
+def score_cnn_images(
+    teacher_model: nn.Module,
+    student_model: nn.Module,
+    teacher_params: Any,
+    student_params: Any,
+    anchor: jax.Array,
+    images: jax.Array,
+    method_config: Any,
+    image_size: int | tuple[int, int] | None,
+) -> dict[str, jax.Array]:
+    """:func:`score_images` for a CNN backbone (METHOD.md "The paper's ablations"): both networks
+    in inference mode on their Flax variables (the student's batch norm on the running statistics
+    it trained), then ``fcd_jax.mkdad.anomaly_scores``: MKDAD's score on ``score_taps`` + S_A on
+    GAP'd features, and the map at ``image_size`` (None: no map). ``method_config`` holds the
+    tap plan's indices (``networks.TapPlan.method``)."""
+    from fcd_jax import mkdad  # mkdad builds on this module's smoothing: imported when used
+
+    def taps(model: nn.Module, variables: Any) -> tuple[jax.Array, ...]:
+        return model.apply(variables, images.astype(model.dtype), train=False)["taps"]
+
+    return mkdad.anomaly_scores(
+        taps(teacher_model, teacher_params), taps(student_model, student_params), anchor,
+        method_config, image_size=None if image_size is None else _image_hw(image_size),
     )

@@ -9,6 +9,11 @@ form, and the image normalisation it was trained with (``arch.json``'s ``image_m
 explicitly is kept, with a warning where it differs from the checkpoint's. A random teacher (or
 a checkpoint that does not record a value) gives Google's ViT values: eps 1e-6, exact GELU,
 mean 0.5, std 0.5. The reconciled config is the one recorded in the workdir and the one that runs.
+
+A CNN backbone (``model.backbone``, METHOD.md "The paper's ablations") takes a converted
+torchvision VGG16 / ResNet18 of the same family, or a random one; its normalisation is
+torchvision's ImageNet mean and std (a random CNN teacher too), and the ViT-only fields take their
+defaults silently. Its params are the teacher's Flax variables (``networks.init_model``).
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ import numpy as np
 from absl import logging
 
 from fcd_jax import convert
+from fcd_jax.convert_torchvision import IMAGENET_NORMALISATION
 from fcd_jax.errors import CheckpointError, ConfigError, FcdError
 from fcd_jax.models import build_vit, init_params
-from fcd_jax.networks import TEACHER_SPEC_FIELDS, get_field, split_keys
+from fcd_jax.networks import TEACHER_SPEC_FIELDS, build_networks, get_field, split_keys
 
 HOW_TO_GET_A_TEACHER = (
     "no teacher checkpoint: this config needs an ImageNet-pretrained ViT. Download Google's "
@@ -34,6 +40,12 @@ HOW_TO_GET_A_TEACHER = (
     "checkpoint), timm's vit_base_patch16_224 (.safetensors) or HuggingFace's "
     "google/vit-base-patch16-224 directory, then pass --config.teacher.checkpoint=PATH "
     "(converted once and cached; `python -m fcd_jax.convert SRC DST` converts ahead of time)"
+)
+HOW_TO_GET_A_CNN_TEACHER = (
+    "no teacher checkpoint: model.backbone={backbone!r} needs torchvision's ImageNet {backbone} "
+    "weights ({backbone}-*.pth from download.pytorch.org/models): convert them once with "
+    "`python -m fcd_jax.convert {backbone}.pth teachers/{backbone}` and pass "
+    "--config.teacher.checkpoint=teachers/{backbone}"
 )
 ARCH_FIELDS = (
     "patch_size", "width", "depth", "num_heads", "mlp_dim", "layer_scale", "num_registers",
@@ -47,6 +59,9 @@ SPEC_SOURCES = dict(zip(TEACHER_SPEC_FIELDS, (
     ("layernorm_eps", 1e-6), ("gelu_approximate", False), ("image_mean", 0.5),
     ("image_std", 0.5),
 ), strict=True))
+# A CNN's: torchvision's ImageNet normalisation, what its pretrained weights were trained with.
+CNN_SPEC_FALLBACKS = {"data.mean": IMAGENET_NORMALISATION["image_mean"],
+                      "data.std": IMAGENET_NORMALISATION["image_std"]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,11 +81,16 @@ def load_teacher(config: ml_collections.ConfigDict, workdir: str) -> Teacher:
         logging.warning(RANDOM_TEACHER_WARNING)
         config = reconcile(config, None)
         teacher_key, _ = split_keys(config.seed)
-        params = init_params(build_vit(config.model), config.data.image_size, teacher_key)
+        if is_cnn_config(config):
+            params = build_networks(config).init_teacher(config.data.image_size, teacher_key)
+        else:
+            params = init_params(build_vit(config.model), config.data.image_size, teacher_key)
         return Teacher(config, jax.tree.map(np.asarray, jax.device_get(params)), True)
     if teacher.init != "pretrained":
         raise FcdError(f"unknown teacher.init {teacher.init!r}: use 'pretrained' or 'random'")
     if not teacher.checkpoint:
+        if is_cnn_config(config):
+            raise FcdError(HOW_TO_GET_A_CNN_TEACHER.format(backbone=config.model.backbone))
         raise FcdError(HOW_TO_GET_A_TEACHER)
     cache_dir = teacher.cache_dir or os.path.join(workdir, "teacher")
     params, arch = convert.load_teacher(teacher.checkpoint, cache_dir, config.data.image_size,
@@ -88,7 +108,10 @@ def reconcile(
     ``source`` names the checkpoint in messages.
     """
     config = config.copy_and_resolve_references()
+    cnn = is_cnn_config(config)
     if arch is not None:
+        check_family(config, arch, source)
+    if arch is not None and not cnn:
         model = build_vit(config.model)
         for field in ARCH_FIELDS:
             # layer_scale / num_registers: absent from arch.json files written before them.
@@ -101,8 +124,10 @@ def reconcile(
                 )
     for field, (key, fallback) in SPEC_SOURCES.items():
         own = None if arch is None else arch.get(key)
+        if cnn:
+            fallback = CNN_SPEC_FALLBACKS.get(field, fallback)
         if own is None:
-            if arch is not None and get_field(config, field) is None:
+            if arch is not None and get_field(config, field) is None and not cnn:
                 logging.warning("teacher checkpoint %s does not record %s: using %r (set "
                                 "--config.%s if it was trained otherwise)", source, key,
                                 fallback, field)
@@ -120,6 +145,22 @@ def reconcile(
         with config.ignore_type():  # e.g. [0.5, 0.5, 0.5] given, 0.5 recorded
             config[section][name] = chosen
     return config
+
+
+def is_cnn_config(config: ml_collections.ConfigDict) -> bool:
+    """Whether ``config.model.backbone`` is a CNN (METHOD.md "The paper's ablations")."""
+    return config.model.get("backbone", "vit") != "vit"
+
+
+def check_family(config: ml_collections.ConfigDict, arch: Mapping[str, Any], source: str) -> None:
+    """One ``CheckpointError`` if the checkpoint is not a teacher of ``model.backbone``."""
+    backbone = config.model.get("backbone", "vit")
+    family = arch.get("family") if convert.is_cnn(arch) else "vit"
+    if family != backbone:
+        raise CheckpointError(
+            f"teacher checkpoint {source} is a {family} but config.model.backbone={backbone!r}: "
+            f"set --config.model.backbone={family!r} or give a {backbone} checkpoint"
+        )
 
 
 def _spec_value(field: str, value: Any) -> Any:

@@ -4,7 +4,12 @@ The teacher is frozen and the step has no augmentation, so its features (``train
 teacher_features``: the blocks the losses read) of a training image are the same at every step.
 A group whose images are seen more than once can compute them once, keep them on the devices of
 their split, and run the step that reads them instead of the teacher (a quarter of its FLOPs):
-the very same numbers. ``train.teacher_cache``: "on", "off", or "auto" (:func:`use_teacher_cache`).
+the very same numbers (a CNN's to float32 rounding: the cached teacher runs in another
+program). ``train.teacher_cache``: "on", "off", or "auto" (:func:`use_teacher_cache`).
+
+The cache is a pytree like the features (an array for a ViT, a tuple of taps for a CNN), each
+leaf ``[splits, images, ...]``: one row per image, its batch axis moved first
+(``Networks.feature_batch_axis``; ``train_step.features_from_cache`` reads them back).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,27 +44,31 @@ def cache_length(sources: Sequence[ImageSource], batch_size: int) -> int:
 
 def cached_features(
     config: ml_collections.ConfigDict, networks: Networks, teacher_params: dict, images: jax.Array
-) -> jax.Array:
-    """What the cache holds for uint8 ``images``: their preprocessed ``teacher_features``."""
-    return teacher_features(teacher_params, preprocess(images, config.data), networks)
+) -> Any:
+    """What the cache holds for uint8 ``images``: their preprocessed ``teacher_features``, the
+    batch axis first (a ViT's ``[B, L, tokens, width]``, a CNN's taps ``[B, h, w, c]``)."""
+    features = teacher_features(teacher_params, preprocess(images, config.data), networks)
+    axis = networks.feature_batch_axis
+    return jax.tree.map(lambda leaf: jnp.moveaxis(leaf, axis, 0), features)
 
 
 def image_features(
     config: ml_collections.ConfigDict, networks: Networks, teacher_params: dict,
     image_shape: tuple[int, ...],
-) -> jax.ShapeDtypeStruct:
-    """Shape and dtype of one image's cache entry, ``[L, tokens, width]`` (nothing computed)."""
+) -> Any:
+    """Shape and dtype of one image's cache entry, ``[L, tokens, width]`` (a CNN: one per tap
+    read), as ``jax.ShapeDtypeStruct`` leaves (nothing computed)."""
     features = jax.eval_shape(
         functools.partial(cached_features, config, networks), teacher_params,
         jax.ShapeDtypeStruct((1, *image_shape), jnp.uint8),
     )
-    return jax.ShapeDtypeStruct((features.shape[0], *features.shape[2:]), features.dtype)
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype), features)
 
 
-def cache_bytes(per_image: jax.ShapeDtypeStruct, splits_per_device: int, length: int) -> int:
+def cache_bytes(per_image: Any, splits_per_device: int, length: int) -> int:
     """Device memory per device of a cache of ``length`` images for each of its splits."""
-    return (splits_per_device * length * math.prod(per_image.shape)
-            * jnp.dtype(per_image.dtype).itemsize)
+    return sum(splits_per_device * length * math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
+               for leaf in jax.tree.leaves(per_image))
 
 
 def use_teacher_cache(
@@ -95,10 +105,11 @@ def fill_teacher_cache(
     sources: Sequence[ImageSource],
     mesh: jax.sharding.Mesh,
     num_stacked: int,
-) -> jax.Array:
+) -> Any:
     """The teacher's features of every image of every source (a split's training images), on
-    the devices of its split: ``[num_stacked, N, L, tokens, width]``, N = :func:`cache_length`,
-    image ``i`` of split ``s`` at ``[s, i]`` (padding rows and splits: features of zero images).
+    the devices of its split: ``[num_stacked, N, L, tokens, width]`` (a CNN: a tuple of
+    ``[num_stacked, N, h, w, c]``), N = :func:`cache_length`, image ``i`` of split ``s`` at
+    ``[s, i]`` (padding rows and splits: features of zero images).
 
     Computed batch by batch, each process loading its block of each batch.
     """
@@ -112,7 +123,9 @@ def fill_teacher_cache(
 
     def fill_batch(cache, teacher_params, images, start):
         new = jax.vmap(functools.partial(cached_features, config, networks, teacher_params))(images)
-        return jax.lax.dynamic_update_slice_in_dim(cache, jnp.swapaxes(new, 1, 2), start, 1)
+        return jax.tree.map(
+            lambda rows, batch: jax.lax.dynamic_update_slice_in_dim(rows, batch, start, 1),
+            cache, new)
 
     fill = parallel.jit_once(
         ("cache", ml_collections.FrozenConfigDict(config), networks, mesh),
@@ -121,11 +134,13 @@ def fill_teacher_cache(
             out_shardings=stacked, donate_argnums=0,
         ),
     )
-    cache_shape = (num_stacked, length, *per_image.shape)
+    cache_shapes = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct((num_stacked, length, *leaf.shape), leaf.dtype),
+        per_image)
     zeros = parallel.jit_once(
-        ("cache_zeros", cache_shape, per_image.dtype, mesh),
-        lambda: jax.jit(functools.partial(jnp.zeros, cache_shape, per_image.dtype),
-                        out_shardings=stacked),
+        ("cache_zeros", tuple(jax.tree.leaves(cache_shapes)), mesh),
+        lambda: jax.jit(lambda: jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype),
+                                             cache_shapes), out_shardings=stacked),
     )
     cache = zeros()
     local_sources = range(layout.splits.start, min(layout.splits.stop, len(sources)))

@@ -5,10 +5,16 @@ A state holds one student: its parameters, the optimiser state, the anchor (METH
 into the anchor: ``step * batch``; whether the split still trains: ``step < total_steps``). The
 teacher's parameters are never part of it. Many splits train at once as states stacked on a
 leading axis (:func:`init_stacked_states`), sharded over the mesh's ``split`` axis.
+
+A CNN student's params are its Flax variables (``networks.init_model``): ``params``, which the
+optimiser trains, and ``batch_stats``, the batch-norm running statistics, which it does not (the
+train step writes their update): so they are checkpointed, saved with the final model and read
+by the score step with the rest.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -21,8 +27,7 @@ from flax import struct
 from fcd_jax import parallel
 from fcd_jax.errors import FcdError
 from fcd_jax.input_pipeline import steps_per_epoch
-from fcd_jax.models import init_params
-from fcd_jax.networks import Networks, split_keys
+from fcd_jax.networks import Networks, init_model, split_keys
 
 FROZEN_POS_EMBEDDING = "copy_frozen"
 
@@ -32,9 +37,10 @@ class TrainState(struct.PyTreeNode):
 
     step: jax.Array  # int32 []: optimiser steps taken
     total_steps: jax.Array  # int32 []: steps this split trains for (drives the lr schedule)
-    params: Any  # the student's parameters (a frozen position embedding included)
+    params: Any  # the student's parameters (a frozen position embedding, a CNN's batch_stats)
     opt_state: Any
     anchor: jax.Array  # float32 [num_anchor_layers, width]: running centre of T's cls (eq. 1)
+    # (a CNN: [1, channels], the running centre of the teacher's GAP'd last tap)
 
     @property
     def active(self) -> jax.Array:
@@ -65,11 +71,14 @@ def learning_rate(step: jax.Array, total_steps: jax.Array, optim: ml_collections
 
 
 def trainable_labels(params: dict, method_config: ml_collections.ConfigDict) -> dict:
-    """'frozen' for the position embedding copied from the teacher (paper Fig. 7, strategy 2)."""
+    """'frozen' for the position embedding copied from the teacher (paper Fig. 7, strategy 2)
+    and for a CNN's batch-norm statistics (``batch_stats``: the step writes them)."""
     frozen = method_config.pos_embedding == FROZEN_POS_EMBEDDING
     labels = {name: jax.tree.map(lambda _: "train", leaf) for name, leaf in params.items()}
-    if frozen:
+    if frozen and "pos_embedding" in labels:
         labels["pos_embedding"] = "frozen"
+    if "batch_stats" in labels:
+        labels["batch_stats"] = jax.tree.map(lambda _: "frozen", params["batch_stats"])
     return labels
 
 
@@ -101,16 +110,29 @@ def make_optimizer(config: ml_collections.ConfigDict, params: dict) -> optax.Gra
     )
 
 
+def teacher_pos_embedding_of(teacher: Mapping | jax.Array | None) -> jax.Array | None:
+    """The teacher's position embedding from its params (a CNN's have none: None), or the
+    embedding itself (what callers passed before CNNs)."""
+    if isinstance(teacher, Mapping):
+        return teacher.get("pos_embedding")
+    return teacher
+
+
 def create_train_state(
     config: ml_collections.ConfigDict,
-    teacher_pos_embedding: jax.Array,
+    teacher_pos_embedding: Mapping | jax.Array | None,
     networks: Networks,
     key: jax.Array,
     total_steps: int | jax.Array,
 ) -> TrainState:
-    """A fresh student: random weights, the teacher's position embedding copied in (Fig. 7)."""
-    params = init_params(networks.student, config.data.image_size, key)
-    if config.method.pos_embedding == FROZEN_POS_EMBEDDING:
+    """A fresh student: random weights, the teacher's position embedding copied in (Fig. 7).
+
+    ``teacher_pos_embedding``: the teacher's params (``Networks.teacher_params``; a CNN's have no
+    position embedding) or, as before CNNs, its ``pos_embedding`` array.
+    """
+    params = init_model(networks.student, config.data.image_size, key)
+    teacher_pos_embedding = teacher_pos_embedding_of(teacher_pos_embedding)
+    if not networks.is_cnn and config.method.pos_embedding == FROZEN_POS_EMBEDDING:
         if teacher_pos_embedding.shape != params["pos_embedding"].shape:
             raise FcdError(
                 f"teacher position embedding {teacher_pos_embedding.shape} does not fit "
@@ -120,19 +142,18 @@ def create_train_state(
         # A copy: the state is donated to the step, the teacher's parameters are not.
         pos_embedding = jnp.array(teacher_pos_embedding, jnp.float32, copy=True)
         params = dict(params, pos_embedding=pos_embedding)
-    width = params["cls"].shape[-1]
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         total_steps=jnp.asarray(total_steps, jnp.int32),
         params=params,
         opt_state=make_optimizer(config, params).init(params),
-        anchor=jnp.zeros((len(networks.plan.anchor_layers), width), jnp.float32),
+        anchor=jnp.zeros(networks.anchor_shape(config.data.image_size), jnp.float32),
     )
 
 
 def init_stacked_states(
     config: ml_collections.ConfigDict,
-    teacher_pos_embedding: jax.Array,
+    teacher_pos_embedding: Mapping | jax.Array | None,
     networks: Networks,
     split_indices: np.ndarray,
     total_steps: np.ndarray,
@@ -142,8 +163,9 @@ def init_stacked_states(
     over ``split``: ``parallel.stacked_sharding``).
 
     Student ``i``'s weights depend only on the seed and its split index, so a split trains the
-    same alone or in a group.
+    same alone or in a group. ``teacher_pos_embedding``: as in :func:`create_train_state`.
     """
+    teacher_pos_embedding = teacher_pos_embedding_of(teacher_pos_embedding)
     _, student_key = split_keys(config.seed)
 
     def init(split_index, total, pos_embedding):

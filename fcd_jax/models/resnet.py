@@ -61,17 +61,21 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """ResNet18 without its classifier; input NHWC images, already normalised."""
+    """ResNet18 without its classifier; input NHWC images, already normalised. ``stage_widths``
+    other than torchvision's (64, 128, 256, 512) only for tiny random networks (tests, demos)."""
 
     dtype: Any = jnp.float32
+    stage_widths: tuple[int, ...] = STAGE_WIDTHS
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> dict[str, tuple[jax.Array, ...]]:
-        features = conv(STAGE_WIDTHS[0], 7, 2, self.dtype, "conv1")(images.astype(self.dtype))
+        stem = conv(self.stage_widths[0], 7, 2, self.dtype, "conv1")
+        features = stem(images.astype(self.dtype))
         features = nn.relu(batch_norm(train, self.dtype, "bn1")(features))
         features = nn.max_pool(features, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         taps = []
-        for stage, (width, blocks) in enumerate(zip(STAGE_WIDTHS, BLOCKS_PER_STAGE, strict=True)):
+        stages = zip(self.stage_widths, BLOCKS_PER_STAGE, strict=True)
+        for stage, (width, blocks) in enumerate(stages):
             for block in range(blocks):
                 stride = 2 if stage > 0 and block == 0 else 1
                 features = BasicBlock(

@@ -56,6 +56,11 @@ def conv_names(widths: tuple[int | str, ...]) -> tuple[str, ...]:
     return tuple(names)
 
 
+def conv_widths(widths: tuple[int | str, ...]) -> tuple[int, ...]:
+    """The output channels of each conv (each tap) in ``widths``, pools left out."""
+    return tuple(int(width) for width in widths if width != POOL)
+
+
 TAP_NAMES = tuple(name.replace("conv", "relu") for name in conv_names(VGG16_WIDTHS))
 
 
@@ -89,15 +94,27 @@ class VGG(nn.Module):
         return {"taps": tuple(taps)}
 
 
-def vgg16_teacher(dtype: Any = jnp.float32) -> VGG:
+def narrowed(widths: tuple[int | str, ...], divisor: int) -> tuple[int | str, ...]:
+    """``widths`` with every conv ``divisor`` times narrower (at least 1 channel): the tiny
+    networks of tests and demos with a random teacher (``model.cnn_width_divisor``); 1 keeps
+    torchvision's widths, the only ones a pretrained checkpoint fits."""
+    if int(divisor) < 1:
+        raise ConfigError(f"CNN width divisor {divisor} must be a positive integer (1 = the "
+                          "published widths)")
+    return tuple(w if w == POOL else max(int(w) // int(divisor), 1) for w in widths)
+
+
+def vgg16_teacher(dtype: Any = jnp.float32, width_divisor: int = 1) -> VGG:
     """torchvision's VGG16 features: biases, no batch norm (the METHOD.md VGG teacher)."""
-    return VGG(VGG16_WIDTHS, batch_norm=False, use_bias=True, dtype=dtype)
+    return VGG(narrowed(VGG16_WIDTHS, width_divisor), batch_norm=False, use_bias=True,
+               dtype=dtype)
 
 
-def mkdad_cloner(size: str = "equal", dtype: Any = jnp.float32) -> VGG:
+def mkdad_cloner(size: str = "equal", dtype: Any = jnp.float32, width_divisor: int = 1) -> VGG:
     """MKDAD's cloner (the METHOD.md VGG student): no biases, batch norm, ``equal``/``small``."""
     if size not in CLONER_WIDTHS:
         raise ConfigError(
             f"unknown cloner size {size!r}: use one of {', '.join(map(repr, CLONER_WIDTHS))}"
         )
-    return VGG(CLONER_WIDTHS[size], batch_norm=True, use_bias=False, dtype=dtype)
+    return VGG(narrowed(CLONER_WIDTHS[size], width_divisor), batch_norm=True, use_bias=False,
+               dtype=dtype)
