@@ -31,7 +31,7 @@ from fcd_jax.datasets import embedded, folders
 from fcd_jax.datasets.split import holdout_count
 from fcd_jax.errors import ConfigError
 from fcd_jax.models.vit import build_vit
-from fcd_jax.networks import TEACHER_SPEC_FIELDS, BlockPlan
+from fcd_jax.networks import TEACHER_SPEC_FIELDS, BlockPlan, check_backbone
 
 # The names the code accepts, for the fields whose value is one of a few names.
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -212,7 +212,9 @@ def check_config(
     """
     _check_simple_fields(config)
     _check_data(config.data)
-    _check_model_and_method(config)
+    check_backbone(config)  # the backbone's name; a CNN's own options
+    if config.model.get("backbone", "vit") == "vit":
+        _check_model_and_method(config)
     _check_train_and_scale(config, list(jax.devices() if devices is None else devices))
 
 

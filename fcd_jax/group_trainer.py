@@ -92,7 +92,7 @@ class GroupTrainer:
             if jax.process_index() == 0 else {}
         )
         self.states: TrainState | None = None  # the current segment's stack
-        self.cache: jax.Array | None = None  # its teacher-cache rows
+        self.cache: Any = None  # its teacher-cache rows (a pytree for a CNN)
         self.models: dict[str, dict] = {}  # the finished splits' models, replicated
         self.steps_taken: dict[str, int] = {}  # each finished split's own step count
 
@@ -166,7 +166,7 @@ class GroupTrainer:
     def fresh_states(self, slots: list[int] | tuple[int, ...]) -> TrainState:
         """A stack of fresh students for ``slots`` (IDLE: a padding state of 0 steps)."""
         return init_stacked_states(
-            self.config, self.teacher_params["pos_embedding"], self.networks,
+            self.config, self.teacher_params, self.networks,
             np.asarray([self.split_indices[max(split, 0)] for split in slots], np.int32),
             np.asarray([self.plan.totals[split] if split != IDLE else 0 for split in slots],
                        np.int32),
@@ -198,7 +198,7 @@ class GroupTrainer:
             rows = self.fill_cache(incoming, padded) if incoming else None
             self.cache = restack(self.mesh)(self.cache, rows, gather, slots)
 
-    def fill_cache(self, slots: list[int] | tuple[int, ...], size: int) -> jax.Array:
+    def fill_cache(self, slots: list[int] | tuple[int, ...], size: int) -> Any:
         """The teacher's features of the training images of the splits in ``slots`` (IDLE: no
         image), a stack of ``size``, each padded to the rows of the largest split."""
         sources = [self.splits[split].train_images for split in slots if split != IDLE]
@@ -211,7 +211,8 @@ class GroupTrainer:
         rows = teacher_cache.cache_length(
             [split.train_images for split in self.splits], self.config.data.batch_size
         )
-        return pad_rows(self.mesh)(cache, rows) if cache.shape[1] < rows else cache
+        cached_rows = jax.tree.leaves(cache)[0].shape[1]
+        return pad_rows(self.mesh)(cache, rows) if cached_rows < rows else cache
 
     def finish_splits(self, segment: schedule.Segment, step: int) -> None:
         """Keeps (and saves, if asked) the models of the splits of ``segment`` that end at
@@ -351,10 +352,14 @@ def restack(mesh: jax.sharding.Mesh):
 
 
 def pad_rows(mesh: jax.sharding.Mesh):
-    """``pad_rows(cache, rows)``: a teacher cache ``[S, N, ...]`` padded with zeros to ``rows``."""
+    """``pad_rows(cache, rows)``: a teacher cache (every leaf ``[S, N, ...]``: one array for a
+    ViT, one per tap for a CNN) padded with zeros to ``rows``."""
+
+    def pad(leaf, rows):
+        return jnp.pad(leaf, [(0, 0), (0, rows - leaf.shape[1])] + [(0, 0)] * (leaf.ndim - 2))
 
     def apply(cache, rows):
-        return jnp.pad(cache, [(0, 0), (0, rows - cache.shape[1])] + [(0, 0)] * (cache.ndim - 2))
+        return jax.tree.map(lambda leaf: pad(leaf, rows), cache)
 
     return parallel.jit_once(("pad_rows", mesh), lambda: jax.jit(
         apply, static_argnums=1, out_shardings=parallel.stacked_sharding(mesh),

@@ -19,7 +19,6 @@ from jax.experimental import multihost_utils
 
 from fcd_jax import parallel
 from fcd_jax.errors import FcdError
-from fcd_jax.models import init_params
 from fcd_jax.networks import build_networks
 from fcd_jax.train_state import create_train_state
 from fcd_jax.train_step import make_stacked_step
@@ -45,15 +44,16 @@ def _compiled_step_memory(
     networks = build_networks(config)
     size = config.data.image_size
     batch = batch_per_device or config.data.batch_size
-    teacher_shapes = jax.eval_shape(lambda: init_params(networks.teacher, size, jax.random.key(0)))
+    teacher_shapes = jax.eval_shape(lambda: networks.init_teacher(size, jax.random.key(0)))
 
-    def init(index):
-        pos_embedding = jnp.zeros(teacher_shapes["pos_embedding"].shape, jnp.float32)
+    def init(index, teacher_params):
         return create_train_state(
-            config, pos_embedding, networks, jax.random.fold_in(jax.random.key(0), index), 1
+            config, teacher_params, networks, jax.random.fold_in(jax.random.key(0), index), 1
         )
 
-    states = jax.eval_shape(jax.vmap(init), jnp.arange(num_splits))
+    states = jax.eval_shape(
+        jax.vmap(init, in_axes=(0, None)), jnp.arange(num_splits), teacher_shapes
+    )
     images = jax.ShapeDtypeStruct((num_splits, batch, size, size, 3), jnp.uint8)
     step = jax.jit(make_stacked_step(config, networks), donate_argnums=0)
     analysis = step.lower(states, teacher_shapes, images).compile().memory_analysis()

@@ -1,12 +1,11 @@
 """fcd_jax.ablation and configs/ablations: the arms, the comparison table, a :runlocal run."""
 
-import inspect
 import json
 
 import pytest
 
 from configs.ablations import backbones, loss_terms, pos_embedding
-from fcd_jax import ablation, group_trainer, networks
+from fcd_jax import ablation, networks
 from fcd_jax.errors import ConfigError
 
 
@@ -101,13 +100,7 @@ def test_arms_on_other_datasets_get_their_own_table():
     assert "| **mean of 2** | 70.0 |" in markdown and "| **mean of 3** | 70.0 |" in markdown
 
 
-# Until the lead's merge, GroupTrainer passes the teacher's "pos_embedding", which a CNN lacks
-# (the change: pass ``self.teacher_params``; see train_state.create_train_state).
-OLD_CALL_SITE = '["pos_embedding"]' in inspect.getsource(group_trainer.GroupTrainer.__init__)
 
-
-@pytest.mark.xfail(OLD_CALL_SITE, raises=KeyError, strict=True,
-                   reason="group_trainer passes teacher_params['pos_embedding']")
 def test_backbones_runlocal_runs_every_backbone_end_to_end(tmp_path):
     """Three of its arms, one per backbone (each arm compiles its own programs); the whole
     ``:runlocal`` (8 arms) is the same code, timed in the README."""

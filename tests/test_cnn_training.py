@@ -6,7 +6,6 @@ teachers only) at 32 px, so that every program compiles and runs in seconds.
 """
 
 import csv
-import inspect
 import json
 
 import jax
@@ -19,7 +18,6 @@ from configs import default, folder
 from fcd_jax import (
     convert,
     convert_torchvision,
-    group_trainer,
     mkdad,
     networks,
     parallel,
@@ -34,13 +32,6 @@ from fcd_jax.datasets.split import ArraySource
 from fcd_jax.errors import CheckpointError, ConfigError, FcdError
 
 IMAGE = 32
-# Until the lead's merge, GroupTrainer passes the teacher's "pos_embedding", which a CNN lacks
-# (the change: pass ``self.teacher_params``; see train_state.create_train_state).
-OLD_CALL_SITE = '["pos_embedding"]' in inspect.getsource(group_trainer.GroupTrainer.__init__)
-needs_call_site = pytest.mark.xfail(OLD_CALL_SITE, raises=KeyError, strict=True,
-                                    reason="group_trainer passes teacher_params['pos_embedding']")
-# The same in sizing (the change: networks.init_teacher, and the teacher's params passed on).
-OLD_SIZING = '["pos_embedding"]' in inspect.getsource(sizing)
 
 
 def cnn_config(backbone: str, reconciled: bool = True, **method):
@@ -179,8 +170,6 @@ def test_the_teacher_cache_holds_the_taps_and_gives_the_same_step(trained_step):
     assert teacher_cache.cache_bytes(per_image, 1, 8) == sum(rows.nbytes for rows in cache)
 
 
-@pytest.mark.xfail(OLD_SIZING, raises=KeyError, strict=True,
-                   reason="sizing passes the teacher's 'pos_embedding'")
 def test_parallel_splits_auto_measures_the_cnn_step():
     config = cnn_config("resnet18")
     one, two = sizing.step_memory_bytes(config, 1), sizing.step_memory_bytes(config, 2)
@@ -202,7 +191,6 @@ def run_config(data_root, backbone, **overrides):
     return config
 
 
-@needs_call_site
 @pytest.mark.parametrize("backbone, cache", [("vgg16", "on"), ("resnet18", "off")])
 def test_main_trains_evaluates_and_predicts_a_cnn_run(tmp_path, backbone, cache):
     data_root = make_mvtec_folder(tmp_path / "data", size=IMAGE)
