@@ -184,15 +184,40 @@ def score_images(
     images: jax.Array,
     method_config: Any,
     image_size: int | tuple[int, int],
+    with_maps: bool = True,
 ) -> dict[str, jax.Array]:
-    """From normalised NHWC images to :func:`anomaly_scores` with the ``map`` at ``image_size``
-    (pure; ``evaluate.make_score_step`` calls it inside its jitted step). ``method_config``
-    holds the block plan's indices (``networks.BlockPlan.method``)."""
+    """From normalised NHWC images to :func:`anomaly_scores`, with the ``map`` at ``image_size``
+    only ``with_maps`` (pure; ``evaluate.make_score_step`` calls it inside its jitted step).
+    ``method_config`` holds the block plan's indices (``networks.BlockPlan.method``)."""
     teacher_blocks = teacher_model.apply({"params": teacher_params}, images)["blocks"]
+    return score_student(
+        student_model, student_params, teacher_blocks, anchor, images, method_config, image_size,
+        with_maps,
+    )
+
+
+def score_student(
+    student_model: nn.Module,
+    student_params: Any,
+    teacher_blocks: jax.Array,
+    anchor: jax.Array,
+    images: jax.Array,
+    method_config: Any,
+    image_size: int | tuple[int, int],
+    with_maps: bool = True,
+) -> dict[str, jax.Array]:
+    """:func:`score_images` given the teacher's ``"blocks"`` of ``images``: the part of scoring
+    that depends on the student (evaluation runs the teacher once for every student of a test
+    batch). Without ``with_maps`` no full-resolution map is computed, unless ``image_score`` is
+    "max", which scores the map (it is still left out of the result)."""
     student_blocks = student_model.apply({"params": student_params}, images)["blocks"]
     patch = student_model.patch_size
     grid_shape = (images.shape[1] // patch, images.shape[2] // patch)
-    return anomaly_scores(
+    needs_map = with_maps or method_config.image_score == "max"
+    scores = anomaly_scores(
         teacher_blocks, student_blocks, anchor, method_config,
-        grid_shape=grid_shape, image_size=_image_hw(image_size),
+        grid_shape=grid_shape, image_size=_image_hw(image_size) if needs_map else None,
     )
+    if not with_maps:
+        scores.pop("map", None)
+    return scores
