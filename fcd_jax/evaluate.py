@@ -378,6 +378,8 @@ def evaluate_splits(
     the same numbers, arrays and plots, each test set the splits share passed through the
     teacher once. ``models``: each split's trained ``{"params", "anchor"}``, replicated on
     ``mesh``. Returns the runs' ``results.json`` entries, in the order of ``splits``."""
+    if not splits:
+        return []
     for split in splits:
         check_holdout(split)  # before any image is scored
     image_sets, where = group_image_sets(splits)
@@ -403,7 +405,8 @@ def evaluate_splits(
 @dataclasses.dataclass
 class SavedRuns:
     """What scoring a workdir's trained runs needs: the config reconciled with the teacher and
-    checked against the workdir's, the teacher on every device, the jitted score step."""
+    checked against the workdir's, the teacher on every device, the networks and the jitted score
+    step."""
 
     config: ml_collections.ConfigDict
     directory: str
@@ -411,6 +414,7 @@ class SavedRuns:
     teacher_is_random: bool
     score_step: Callable
     mesh: Mesh
+    networks: Networks
 
     @classmethod
     def open(cls, config: ml_collections.ConfigDict, directory: str) -> SavedRuns:
@@ -422,7 +426,8 @@ class SavedRuns:
             networks.teacher_params(teacher.params), parallel.replicated(mesh)
         )
         score_step = make_score_step(teacher.config, networks)
-        return cls(teacher.config, directory, teacher_params, teacher.is_random, score_step, mesh)
+        return cls(teacher.config, directory, teacher_params, teacher.is_random, score_step, mesh,
+                   networks)
 
     def load_model(self, name: str) -> dict:
         """The trained ``{"params", "anchor"}`` of run ``name``."""

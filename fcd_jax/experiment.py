@@ -15,7 +15,7 @@ from absl import logging
 
 from fcd_jax import checkpoints, workdir
 from fcd_jax.errors import FcdError
-from fcd_jax.evaluate import SavedRuns, evaluate_split, make_score_step
+from fcd_jax.evaluate import SavedRuns, evaluate_splits
 from fcd_jax.group_trainer import GroupTrainer
 from fcd_jax.input_pipeline import load_split, select_splits
 from fcd_jax.metrics import auroc_text
@@ -35,7 +35,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, directory: str) -> dic
     networks = build_networks(config)  # checks the block plan before anything is written
     workdir.check_training_config(config, directory, record=True)
     teacher_params = networks.teacher_params(teacher.params)
-    score_step = make_score_step(config, networks)
 
     summaries = {name: workdir.read_finished(directory, name) for name in names}
     for name, summary in summaries.items():
@@ -57,15 +56,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, directory: str) -> dic
             networks, group_size,
         ) as trainer:
             trainer.train()
-            for split, model in zip(splits, trainer.final_models(), strict=True):
-                if split.name in todo:
-                    checkpoints.save_tree(workdir.model_dir(directory, split.name), model)
-                    summaries[split.name] = finish_run(
-                        config, directory, evaluate_split(
-                            config, split, model, trainer.teacher_params, score_step,
-                            trainer.mesh, workdir.run_dir(directory, split.name),
-                        ),
-                    )
+            left = [(split, model) for split, model in zip(splits, trainer.final_models(),
+                                                           strict=True) if split.name in todo]
+            for split, model in left:
+                checkpoints.save_tree(workdir.model_dir(directory, split.name), model)
+            for summary in evaluate_splits(
+                config, [split for split, _ in left], [model for _, model in left],
+                trainer.teacher_params, networks, trainer.mesh,
+                [workdir.run_dir(directory, split.name) for split, _ in left],
+            ):
+                summaries[summary["name"]] = finish_run(config, directory, summary)
     runs = [summaries[name] for name in names]
     if jax.process_index() == 0:
         workdir.write_reports(config, directory, runs, teacher.is_random)
@@ -93,13 +93,18 @@ def evaluate_saved(config: ml_collections.ConfigDict, directory: str) -> dict:
     if not names:
         raise FcdError(f"no trained run in {directory}: train first (--mode=train_and_eval)")
     saved = SavedRuns.open(config, directory)
-    runs = [
-        finish_run(saved.config, directory, evaluate_split(
-            saved.config, load_split(saved.config.data, name), saved.load_model(name),
-            saved.teacher_params, saved.score_step, saved.mesh, workdir.run_dir(directory, name),
-        ))
-        for name in names
-    ]
+    group_size = group_size_for(saved.config, len(names))
+    runs = []
+    for start in range(0, len(names), group_size):
+        group = names[start: start + group_size]
+        runs += [
+            finish_run(saved.config, directory, summary)
+            for summary in evaluate_splits(
+                saved.config, [load_split(saved.config.data, name) for name in group],
+                [saved.load_model(name) for name in group], saved.teacher_params,
+                saved.networks, saved.mesh, [workdir.run_dir(directory, name) for name in group],
+            )
+        ]
     if jax.process_index() == 0:
         workdir.write_reports(saved.config, directory, runs, saved.teacher_is_random)
     return {"runs": runs, "teacher_is_random": saved.teacher_is_random}
