@@ -157,11 +157,12 @@ def train_step_flops(config: ml_collections.ConfigDict) -> float:
     return config.data.batch_size * (teacher + student + gram)
 
 
-def score_step_flops(config: ml_collections.ConfigDict, batch: int) -> float:
-    """Model FLOPs of scoring ``batch`` images: teacher and student forward passes."""
+def score_step_flops(config: ml_collections.ConfigDict, batch: int, splits: int = 1) -> float:
+    """Model FLOPs of scoring ``batch`` shared images with ``splits`` students: one teacher
+    forward and ``splits`` student forward passes per image."""
     arch, size = architecture(config), config.data.image_size
     teacher = vit_forward_flops(arch, size, build_networks(config).plan.teacher_depth)
-    return batch * (teacher + vit_forward_flops(arch, size, arch["depth"]))
+    return batch * (teacher + splits * vit_forward_flops(arch, size, arch["depth"]))
 
 
 # ---------------------------------------------------------------- machine measurements
@@ -249,14 +250,18 @@ class Implementation:
     compile_seconds: dict[str, float] = field(default_factory=dict)
     host_peak_bytes: int = 0
     flops: float = 0.0  # of one train step, for the utilisation of this implementation
+    splits: int = 1  # splits a train or score call steps: images per call = splits * batch
 
 
 class JaxFcd:
-    """fcd-jax's production programs for one split on ``device`` (default: JAX's default device):
-    the stacked train step with a stack of one (``train_step.stacked_train_step``) and the score
-    step (``evaluate.make_score_step``). With ``train.teacher_cache=on`` the train step is the
-    one that reads the teacher cache, filled (``teacher_cache.fill_teacher_cache``) with the
-    benchmark batch before timing, as in training with the teacher cache."""
+    """fcd-jax's production programs for ``num_splits`` splits on ``device`` (default: JAX's
+    default device), every split starting from the same student: the stacked train step
+    (``train_step.stacked_train_step``) and the group score step of ``evaluate.evaluate_splits``
+    on a test batch the splits share, without maps, as for test sets without masks
+    (``evaluate.make_group_score_step``: one teacher forward, every student). With
+    ``train.teacher_cache=on`` the train step is the one that reads the teacher cache, filled
+    (``teacher_cache.fill_teacher_cache``) with the benchmark batch before timing, as in training
+    with the teacher cache."""
 
     def __init__(self, config: ml_collections.ConfigDict, teacher_params: dict,
                  student_params: dict, images: np.ndarray, score_images: np.ndarray,
@@ -300,9 +305,9 @@ class JaxFcd:
         self.compile_seconds["train"] = time.perf_counter() - start
         self.memory = self._train.memory_analysis()
         start = time.perf_counter()
-        self._score = evaluate.make_score_step(config, networks).lower(
-            self.teacher_params, jax.tree.map(lambda leaf: leaf[0], self.states.params),
-            self.states.anchor[0], self.to_score_input(score_images),
+        self._score = evaluate.make_group_score_step(config, networks).lower(
+            self.teacher_params, self.states.params, self.states.anchor, None,
+            self.to_score_input(score_images), with_maps=False,
         ).compile()
         self.compile_seconds["score"] = time.perf_counter() - start
 
@@ -325,8 +330,11 @@ class JaxFcd:
         return metrics["loss"][0]
 
     def score(self, images: jax.Array) -> jax.Array:
-        params = jax.tree.map(lambda leaf: leaf[0], self.states.params)
-        return self._score(self.teacher_params, params, self.states.anchor[0], images)["score"]
+        """Every split's student on one shared batch (one teacher forward); the first split's
+        scores (all students are equal)."""
+        scores = self._score(self.teacher_params, self.states.params, self.states.anchor, None,
+                             images)["score"]
+        return scores[0]
 
     def block(self) -> None:
         jax.block_until_ready(self.states)
@@ -334,14 +342,17 @@ class JaxFcd:
 
 def jax_implementation(name: str, config: ml_collections.ConfigDict, teacher_params: dict,
                        student_params: dict, images: np.ndarray, score_images: np.ndarray,
-                       memory: HostMemory, device: jax.Device | None = None) -> Implementation:
+                       memory: HostMemory, device: jax.Device | None = None,
+                       num_splits: int = 1) -> Implementation:
     memory.reset()
     device = device or jax.devices()[0]
-    fcd = JaxFcd(config, teacher_params, student_params, images, score_images, device)
+    fcd = JaxFcd(config, teacher_params, student_params, images, score_images, device,
+                 num_splits)
     impl = Implementation(
         name, fcd.train_step, fcd.score, block=fcd.block,
         to_input=fcd.to_input, to_score_input=fcd.to_score_input,
-        compile_seconds=fcd.compile_seconds, flops=train_step_flops(config),
+        compile_seconds=fcd.compile_seconds, flops=num_splits * train_step_flops(config),
+        splits=num_splits,
     )
     impl.host_peak_bytes = memory.peak_increase()
     return impl
@@ -491,6 +502,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         )
         impls.append(jax_implementation(f"jax[{override}]", variant_config, teacher_params,
                                         student_params, images, score_images, memory))
+    if args.splits > 1:  # the production programs of a group of splits
+        impls.append(jax_implementation(f"jax[S={args.splits}]", config, teacher_params,
+                                        student_params, images, score_images, memory,
+                                        num_splits=args.splits))
     if args.reference == CPU_REFERENCE:
         cpu_config = bench_config(args.variant, args.image_size, args.batch, "float32",
                                   args.override)
@@ -557,7 +572,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         train_median = median_or_nan(train_seconds[impl.name])
         score_median = median_or_nan(score_seconds[impl.name])
         rows[impl.name] = dict(
-            train_images_per_s=args.batch / train_median,
+            train_images_per_s=impl.splits * args.batch / train_median,
             train_step_s=train_median,
             train_step_s_all=train_seconds[impl.name],
             train_cpu_s=median_or_nan(train_cpu[impl.name]),
@@ -566,9 +581,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             train_gflop=impl.flops / 1e9,
             train_gflop_per_s=impl.flops / train_median / 1e9,
             train_utilisation=impl.flops / train_median / peak["jax"],
-            score_images_per_s=args.score_batch / score_median,
+            score_images_per_s=impl.splits * args.score_batch / score_median,
             score_step_s=score_median,
-            score_gflop_per_s=score_flops / score_median / 1e9,
+            score_gflop_per_s=(score_step_flops(config, args.score_batch, impl.splits)
+                               / score_median / 1e9),
             compile_seconds=impl.compile_seconds,
             host_peak_increase_mb=impl.host_peak_bytes / 2**20,
         )
@@ -637,7 +653,7 @@ def run_protocol(args: argparse.Namespace) -> dict[str, Any]:
     scratch = Path(protocol.scratch_dir())
     try:
         sizes = protocol.write_dataset(scratch / "data", args.protocol, args.scale,
-                                       args.image_size, args.num_test)
+                                       args.image_size, args.num_test, args.protocol_splits)
         config = protocol.protocol_config(base, scratch / "data", args.epochs)
         train_sizes = [n - holdout_count(n, config.data.holdout_fraction) for n in sizes.values()]
         group = group_size_for(config, len(sizes))
@@ -764,6 +780,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="comma-separated subset of jax,torch,torch_compile")
     parser.add_argument("--override", action="append", default=[],
                         help="config override for every fcd-jax run, e.g. model.width=32")
+    parser.add_argument("--splits", type=int, default=1,
+                        help="> 1: also time the production programs of this many splits at once "
+                             "(the stacked train step, the group score step on a shared batch); "
+                             "img/s counts every split's images")
     parser.add_argument("--jax_variant", action="append", default=[],
                         help="an extra fcd-jax contestant: comma-separated overrides, e.g. "
                              "model.scan_layers=False")
@@ -789,6 +809,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="protocol: training-set sizes relative to MVTec AD's / CIFAR-10's")
     parser.add_argument("--epochs", type=int, default=2, help="protocol: epochs per split")
     parser.add_argument("--num_test", type=int, default=16, help="protocol: test images a split")
+    parser.add_argument("--protocol_splits", type=int, default=0,
+                        help="protocol: only the first N categories (0 = all; the tests' form)")
     parser.add_argument("--workers", type=int, default=2,
                         help="protocol: the PyTorch loop's DataLoader workers")
     args = parser.parse_args(argv)

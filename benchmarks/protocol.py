@@ -43,12 +43,15 @@ PROTOCOLS = ("mvtec_like", "cifar_like")
 MIN_TRAIN = 8  # training images of a split at least: one held out at holdout_fraction 0.1
 
 
-def protocol_sizes(name: str, scale: float) -> dict[str, int]:
-    """Training images per category of protocol ``name`` at ``scale``."""
+def protocol_sizes(name: str, scale: float, num_splits: int = 0) -> dict[str, int]:
+    """Training images per category of protocol ``name`` at ``scale``; the first
+    ``num_splits`` categories only if > 0 (the tests' tiny form)."""
     if name == "mvtec_like":
-        return {c: max(MIN_TRAIN, round(n * scale)) for c, n in MVTEC_TRAIN_SIZES.items()}
-    size = max(MIN_TRAIN, round(5000 * scale))  # CIFAR-10: 5,000 training images per class
-    return {f"class{i}": size for i in range(CIFAR_LIKE_SPLITS)}
+        sizes = {c: max(MIN_TRAIN, round(n * scale)) for c, n in MVTEC_TRAIN_SIZES.items()}
+    else:  # CIFAR-10: 5,000 training images per class
+        sizes = {f"class{i}": max(MIN_TRAIN, round(5000 * scale))
+                 for i in range(CIFAR_LIKE_SPLITS)}
+    return dict(list(sizes.items())[: num_splits or None])
 
 
 def _image(rng: np.random.Generator, size: int, tone: int) -> np.ndarray:
@@ -57,12 +60,12 @@ def _image(rng: np.random.Generator, size: int, tone: int) -> np.ndarray:
 
 
 def write_dataset(root: Path, name: str, scale: float, image_size: int, num_test: int,
-                  seed: int = 0) -> dict[str, int]:
+                  num_splits: int = 0, seed: int = 0) -> dict[str, int]:
     """Writes protocol ``name``'s folder dataset (``fcd_jax.datasets.folders`` layout) under
     ``root``; returns the training-set sizes. Anomalies are bright squares (masks for
     mvtec_like)."""
     rng = np.random.default_rng(seed)
-    sizes = protocol_sizes(name, scale)
+    sizes = protocol_sizes(name, scale, num_splits)
     with_masks = name == "mvtec_like"
     shared_test = None
     for index, (category, count) in enumerate(sizes.items()):

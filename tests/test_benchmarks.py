@@ -219,3 +219,40 @@ def test_groupc_is_scaled_to_the_depth():
     assert bench.scaled_layers((3, 6, 9, 11), 4) == (0, 1, 2, 3)
     assert bench.scaled_layers((3, 6, 9, 11), 2) == (0, 1)
     assert bench_tiny_config().method.anchor_layers == (3,)
+
+
+# ---------------------------------------------------------------- the whole-job protocols
+
+
+@pytest.mark.parametrize("protocol", ["mvtec_like", "cifar_like"])
+def test_protocol_runs_the_whole_job_on_a_tiny_config(protocol, capsys):
+    """Two categories of 8 images, one epoch: fcd-jax's train_and_evaluate (cold and warm) and
+    the PyTorch loop both train and score every split, after agreeing on the losses."""
+    result = bench.main([
+        f"--protocol={protocol}", *TINY_ARGS, "--batch=2", "--scale=0.001", "--epochs=1",
+        "--num_test=4", "--protocol_splits=2", "--steps=1", "--warmup=1", "--workers=1",
+        "--no_huge_pages",
+    ])
+    assert len(result["train_sizes"]) == 2 and set(result["train_sizes"].values()) == {8}
+    losses = result["agreement"]
+    np.testing.assert_allclose(losses["jax"], losses["torch"], rtol=1e-5)
+    assert result["torch_loop"]["split_steps"] == 2 * 3  # 7 images after the holdout, batch 2
+    assert result["fcd_jax_cold"]["image_auroc"] == result["fcd_jax_warm"]["image_auroc"]
+    assert list(result["fcd_jax_cold"]["image_auroc"]) == list(result["torch_loop"]["image_auroc"])
+    assert result["idle_split_steps"] == 0.0  # equal sizes in one group
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"protocol {protocol}: speedup vs torch loop \d+\.\d\d, idle split-steps \d+\.\d%, "
+        r"step speedup vs torch eager \d+\.\d\d",
+        last_line,
+    ), last_line
+
+
+def test_idle_split_steps_of_the_fixed_groups():
+    """Groups of two, each stepping until its longest split ends: training sets of 8, 16 and 40
+    images at batch 4 take 2, 4 and 10 steps; the groups compute 2 x 4 and 2 x 10 split-steps
+    (the last group padded to two) for 16 useful ones."""
+    config = bench_tiny_config(batch=4)
+    config.train.update(epochs=1, steps=0)
+    config.parallel_splits = "2"
+    assert bench.idle_split_steps(config, [8, 16, 40]) == pytest.approx(1 - 16 / 28)
