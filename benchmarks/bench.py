@@ -398,6 +398,19 @@ def torch_implementation(name: str, config: ml_collections.ConfigDict, teacher_p
 # ---------------------------------------------------------------- the run
 
 
+def random_weights(config: ml_collections.ConfigDict, seed: int) -> tuple[dict, dict]:
+    """Host copies of a random teacher of the student's full depth (as a converted checkpoint
+    would be) and a random student (with the teacher's frozen position embedding)."""
+    student_model = build_networks(config).student
+    size = config.data.image_size
+    teacher_key, student_key = jax.random.split(jax.random.key(seed))
+    teacher_params = jax.device_get(init_params(student_model, size, teacher_key))
+    student_params = jax.device_get(init_params(student_model, size, student_key))
+    if config.method.pos_embedding == FROZEN_POS_EMBEDDING:
+        student_params = dict(student_params, pos_embedding=teacher_params["pos_embedding"])
+    return teacher_params, student_params
+
+
 def relative_error(value: np.ndarray, reference: np.ndarray) -> float:
     value, reference = np.asarray(value, np.float64), np.asarray(reference, np.float64)
     return float(np.max(np.abs(value - reference)) / max(np.max(np.abs(reference)), 1e-12))
@@ -484,13 +497,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     score_images = rng.integers(
         0, 256, (args.score_batch, args.image_size, args.image_size, 3), np.uint8
     )
-    student_model = build_networks(config).student
-    teacher_key, student_key = jax.random.split(jax.random.key(args.seed))
-    # A random teacher of the student's full depth, as a converted checkpoint would be.
-    teacher_params = jax.device_get(init_params(student_model, args.image_size, teacher_key))
-    student_params = jax.device_get(init_params(student_model, args.image_size, student_key))
-    if config.method.pos_embedding == FROZEN_POS_EMBEDDING:
-        student_params = dict(student_params, pos_embedding=teacher_params["pos_embedding"])
+    teacher_params, student_params = random_weights(config, args.seed)
 
     memory = HostMemory()
     impls = [jax_implementation("jax", config, teacher_params, student_params, images,
@@ -664,12 +671,7 @@ def run_protocol(args: argparse.Namespace) -> dict[str, Any]:
 
         rng = np.random.default_rng(args.seed)
         images = rng.integers(0, 256, (args.batch, args.image_size, args.image_size, 3), np.uint8)
-        student_model = build_networks(config).student
-        teacher_key, student_key = jax.random.split(jax.random.key(args.seed))
-        teacher_params = jax.device_get(init_params(student_model, args.image_size, teacher_key))
-        student_params = jax.device_get(init_params(student_model, args.image_size, student_key))
-        if config.method.pos_embedding == FROZEN_POS_EMBEDDING:
-            student_params = dict(student_params, pos_embedding=teacher_params["pos_embedding"])
+        teacher_params, student_params = random_weights(config, args.seed)
 
         # Agreement, then the production step (S = the group) against one eager torch step.
         memory = HostMemory()

@@ -177,6 +177,7 @@ def torch_loop(config: ml_collections.ConfigDict, root: Path, teacher_params: di
         return torch.utils.data.DataLoader(
             ImageFiles(paths), batch_size=batch, shuffle=shuffle, drop_last=drop_last,
             num_workers=workers, persistent_workers=workers > 0,
+            multiprocessing_context="fork" if workers else None,  # Linux's default, as the anchors
         )
 
     def scores(fcd, paths):

@@ -197,13 +197,8 @@ def score_images(
 
 
 def score_student(
-    student_model: nn.Module,
-    student_params: Any,
-    teacher_blocks: jax.Array,
-    anchor: jax.Array,
-    images: jax.Array,
-    method_config: Any,
-    image_size: int | tuple[int, int],
+    student_model: nn.Module, student_params: Any, teacher_blocks: jax.Array, anchor: jax.Array,
+    images: jax.Array, method_config: Any, image_size: int | tuple[int, int],
     with_maps: bool = True,
 ) -> dict[str, jax.Array]:
     """:func:`score_images` given the teacher's ``"blocks"`` of ``images``: the part of scoring
