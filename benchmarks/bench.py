@@ -358,6 +358,40 @@ def jax_implementation(name: str, config: ml_collections.ConfigDict, teacher_par
     return impl
 
 
+def time_evaluation(config: ml_collections.ConfigDict, directory: Path, teacher_params: dict,
+                    student_params: dict) -> dict[str, float]:
+    """Wall seconds of scoring every split of ``config`` (one student each, the same weights)
+    split by split (``evaluate.evaluate_split``, the teacher on every split's test set) and as
+    one group (``evaluate.evaluate_splits``), each after an untimed run that compiles it."""
+    from fcd_jax.input_pipeline import load_split, select_splits
+
+    networks = build_networks(config)
+    splits = [load_split(config.data, name) for name in select_splits(config)]
+    mesh = parallel.data_mesh()
+    teacher = jax.device_put(networks.teacher_params(teacher_params), parallel.replicated(mesh))
+    model = jax.device_put({"params": student_params, "anchor": np.zeros(
+        (len(config.method.anchor_layers), architecture(config)["width"]), np.float32)},
+        parallel.replicated(mesh))
+    score_step = evaluate.make_score_step(config, networks)
+    run_dirs = [str(directory / split.name) for split in splits]
+
+    def split_by_split():
+        for split, run_dir in zip(splits, run_dirs, strict=True):
+            evaluate.evaluate_split(config, split, model, teacher, score_step, mesh, run_dir)
+
+    def group():
+        evaluate.evaluate_splits(config, splits, [model] * len(splits), teacher, networks, mesh,
+                                 run_dirs)
+
+    seconds = {}
+    for name, run in (("split_by_split_s", split_by_split), ("group_s", group)):
+        run()
+        start = time.perf_counter()
+        run()
+        seconds[name] = time.perf_counter() - start
+    return seconds
+
+
 def torch_fcd(config: ml_collections.ConfigDict, teacher_params: dict, student_params: dict,
               compile_mode: str | None) -> Any:
     """``torch_reference.TorchFcd`` holding these weights, with ``config``'s method and SGD
@@ -712,6 +746,10 @@ def run_protocol(args: argparse.Namespace) -> dict[str, Any]:
         print(f"fcd-jax train_and_evaluate, warm (programs compiled): {warm['seconds']:.1f} s")
         if cold["image_auroc"] != warm["image_auroc"]:
             raise SystemExit("the cold and warm fcd-jax runs differ: the job is not deterministic")
+        evaluation = time_evaluation(config, scratch / "eval", teacher_params, student_params)
+        print(f"evaluation of the {len(sizes)} splits, warm: split by split (evaluate_split) "
+              f"{evaluation['split_by_split_s']:.2f} s, one group (evaluate_splits) "
+              f"{evaluation['group_s']:.2f} s")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     idle = idle_split_steps(config, train_sizes)
@@ -724,6 +762,7 @@ def run_protocol(args: argparse.Namespace) -> dict[str, Any]:
         torch_loop=torch_run, fcd_jax_cold=cold, fcd_jax_warm=warm,
         speedup_cold=torch_run["seconds"] / cold["seconds"],
         speedup_warm=torch_run["seconds"] / warm["seconds"], idle_split_steps=idle,
+        evaluation=evaluation,
     )
     print(f"speedup vs torch loop, warm: {result['speedup_warm']:.2f}")
     result["summary"] = (

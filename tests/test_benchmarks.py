@@ -240,6 +240,7 @@ def test_protocol_runs_the_whole_job_on_a_tiny_config(protocol, capsys):
     assert result["fcd_jax_cold"]["image_auroc"] == result["fcd_jax_warm"]["image_auroc"]
     assert list(result["fcd_jax_cold"]["image_auroc"]) == list(result["torch_loop"]["image_auroc"])
     assert result["idle_split_steps"] == 0.0  # equal sizes in one group
+    assert result["evaluation"]["group_s"] > 0 and result["evaluation"]["split_by_split_s"] > 0
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     assert re.fullmatch(
         rf"protocol {protocol}: speedup vs torch loop \d+\.\d\d, idle split-steps \d+\.\d%, "
