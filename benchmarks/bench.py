@@ -28,11 +28,13 @@ import argparse  # noqa: E402
 import ast  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import shutil  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
@@ -155,11 +157,12 @@ def train_step_flops(config: ml_collections.ConfigDict) -> float:
     return config.data.batch_size * (teacher + student + gram)
 
 
-def score_step_flops(config: ml_collections.ConfigDict, batch: int) -> float:
-    """Model FLOPs of scoring ``batch`` images: teacher and student forward passes."""
+def score_step_flops(config: ml_collections.ConfigDict, batch: int, splits: int = 1) -> float:
+    """Model FLOPs of scoring ``batch`` shared images with ``splits`` students: one teacher
+    forward and ``splits`` student forward passes per image."""
     arch, size = architecture(config), config.data.image_size
     teacher = vit_forward_flops(arch, size, build_networks(config).plan.teacher_depth)
-    return batch * (teacher + vit_forward_flops(arch, size, arch["depth"]))
+    return batch * (teacher + splits * vit_forward_flops(arch, size, arch["depth"]))
 
 
 # ---------------------------------------------------------------- machine measurements
@@ -247,19 +250,24 @@ class Implementation:
     compile_seconds: dict[str, float] = field(default_factory=dict)
     host_peak_bytes: int = 0
     flops: float = 0.0  # of one train step, for the utilisation of this implementation
+    splits: int = 1  # splits a train or score call steps: images per call = splits * batch
 
 
 class JaxFcd:
-    """fcd-jax's production programs for one split on ``device`` (default: JAX's default device):
-    the stacked train step with a stack of one (``train_step.stacked_train_step``) and the score
-    step (``evaluate.make_score_step``). With ``train.teacher_cache=on`` the train step is the
-    one that reads the teacher cache, filled (``teacher_cache.fill_teacher_cache``) with the
-    benchmark batch before timing, as in training with the teacher cache."""
+    """fcd-jax's production programs for ``num_splits`` splits on ``device`` (default: JAX's
+    default device), every split starting from the same student: the stacked train step
+    (``train_step.stacked_train_step``) and the group score step of ``evaluate.evaluate_splits``
+    on a test batch the splits share, without maps, as for test sets without masks
+    (``evaluate.make_group_score_step``: one teacher forward, every student). With
+    ``train.teacher_cache=on`` the train step is the one that reads the teacher cache, filled
+    (``teacher_cache.fill_teacher_cache``) with the benchmark batch before timing, as in training
+    with the teacher cache."""
 
     def __init__(self, config: ml_collections.ConfigDict, teacher_params: dict,
                  student_params: dict, images: np.ndarray, score_images: np.ndarray,
-                 device: jax.Device | None = None):
+                 device: jax.Device | None = None, num_splits: int = 1):
         device = device or jax.devices()[0]
+        self.num_splits = num_splits
         with jax.default_device(device):
             self._build(config, teacher_params, student_params, images, score_images, device)
 
@@ -267,6 +275,7 @@ class JaxFcd:
                student_params: dict, images: np.ndarray, score_images: np.ndarray,
                device: jax.Device) -> None:
         networks = build_networks(config)
+        num_splits = self.num_splits
         self.mesh = mesh = parallel.make_mesh(1, config.data.batch_size, (1, 1), [device])
         self.cached = reads_teacher_cache(config)
         # device_put copies: the host arrays are shared by every contestant, the state is donated.
@@ -274,11 +283,12 @@ class JaxFcd:
             networks.teacher_params(teacher_params), parallel.replicated(mesh)
         )
         states = init_stacked_states(
-            config, self.teacher_params["pos_embedding"], networks, np.array([0]),
-            np.array([10**6]), mesh,
+            config, self.teacher_params["pos_embedding"], networks, np.arange(num_splits),
+            np.full(num_splits, 10**6), mesh,
         )
         self.states = states.replace(params=jax.device_put(
-            jax.tree.map(lambda leaf: np.asarray(leaf)[None], student_params),
+            jax.tree.map(lambda leaf: np.repeat(np.asarray(leaf)[None], num_splits, 0),
+                         student_params),
             parallel.stacked_sharding(mesh),
         ))
         self.compile_seconds: dict[str, float] = {}
@@ -286,7 +296,8 @@ class JaxFcd:
         self.teacher_source = self.teacher_params
         if self.cached:
             self.teacher_source = teacher_cache.fill_teacher_cache(
-                config, networks, self.teacher_params, [ArraySource(images)], mesh, 1
+                config, networks, self.teacher_params, [ArraySource(images)] * num_splits, mesh,
+                num_splits,
             )
         self._train = stacked_train_step(config, networks, mesh, self.cached).lower(
             self.states, self.teacher_source, self.to_input(images)
@@ -294,30 +305,36 @@ class JaxFcd:
         self.compile_seconds["train"] = time.perf_counter() - start
         self.memory = self._train.memory_analysis()
         start = time.perf_counter()
-        self._score = evaluate.make_score_step(config, networks).lower(
-            self.teacher_params, jax.tree.map(lambda leaf: leaf[0], self.states.params),
-            self.states.anchor[0], self.to_score_input(score_images),
+        self._score = evaluate.make_group_score_step(config, networks).lower(
+            self.teacher_params, self.states.params, self.states.anchor, None,
+            self.to_score_input(score_images), with_maps=False,
         ).compile()
         self.compile_seconds["score"] = time.perf_counter() - start
 
     def to_input(self, images: np.ndarray) -> Any:
-        """One split's batch ``[1, B, ...]`` (with the cache: and its indices into it)."""
-        batch = jax.device_put(images[None], parallel.batch_sharding(self.mesh))
+        """Every split's batch ``[S, B, ...]``, the same images (with the cache: and their indices
+        into it)."""
+        stacked = np.repeat(images[None], self.num_splits, 0)
+        batch = jax.device_put(stacked, parallel.batch_sharding(self.mesh))
         if not self.cached:
             return batch
-        indices = np.arange(len(images), dtype=np.int32)[None]
+        indices = np.repeat(np.arange(len(images), dtype=np.int32)[None], self.num_splits, 0)
         return batch, jax.device_put(indices, parallel.batch_sharding(self.mesh))
 
     def to_score_input(self, images: np.ndarray) -> jax.Array:
         return jax.device_put(images[None], parallel.all_devices_sharding(self.mesh))
 
     def train_step(self, batch: Any) -> jax.Array:
+        """One step of every split; the first split's loss (all splits see the same batch)."""
         self.states, metrics = self._train(self.states, self.teacher_source, batch)
-        return metrics["loss"]
+        return metrics["loss"][0]
 
     def score(self, images: jax.Array) -> jax.Array:
-        params = jax.tree.map(lambda leaf: leaf[0], self.states.params)
-        return self._score(self.teacher_params, params, self.states.anchor[0], images)["score"]
+        """Every split's student on one shared batch (one teacher forward); the first split's
+        scores (all students are equal)."""
+        scores = self._score(self.teacher_params, self.states.params, self.states.anchor, None,
+                             images)["score"]
+        return scores[0]
 
     def block(self) -> None:
         jax.block_until_ready(self.states)
@@ -325,23 +342,60 @@ class JaxFcd:
 
 def jax_implementation(name: str, config: ml_collections.ConfigDict, teacher_params: dict,
                        student_params: dict, images: np.ndarray, score_images: np.ndarray,
-                       memory: HostMemory, device: jax.Device | None = None) -> Implementation:
+                       memory: HostMemory, device: jax.Device | None = None,
+                       num_splits: int = 1) -> Implementation:
     memory.reset()
     device = device or jax.devices()[0]
-    fcd = JaxFcd(config, teacher_params, student_params, images, score_images, device)
+    fcd = JaxFcd(config, teacher_params, student_params, images, score_images, device,
+                 num_splits)
     impl = Implementation(
         name, fcd.train_step, fcd.score, block=fcd.block,
         to_input=fcd.to_input, to_score_input=fcd.to_score_input,
-        compile_seconds=fcd.compile_seconds, flops=train_step_flops(config),
+        compile_seconds=fcd.compile_seconds, flops=num_splits * train_step_flops(config),
+        splits=num_splits,
     )
     impl.host_peak_bytes = memory.peak_increase()
     return impl
 
 
-def torch_implementation(name: str, config: ml_collections.ConfigDict, teacher_params: dict,
-                         student_params: dict, compile_mode: str | None) -> Implementation:
-    import torch
+def time_evaluation(config: ml_collections.ConfigDict, directory: Path, teacher_params: dict,
+                    student_params: dict) -> dict[str, float]:
+    """Wall seconds of scoring every split of ``config`` (one student each, the same weights)
+    split by split (``evaluate.evaluate_split``, the teacher on every split's test set) and as
+    one group (``evaluate.evaluate_splits``), each after an untimed run that compiles it."""
+    from fcd_jax.input_pipeline import load_split, select_splits
 
+    networks = build_networks(config)
+    splits = [load_split(config.data, name) for name in select_splits(config)]
+    mesh = parallel.data_mesh()
+    teacher = jax.device_put(networks.teacher_params(teacher_params), parallel.replicated(mesh))
+    model = jax.device_put({"params": student_params, "anchor": np.zeros(
+        (len(config.method.anchor_layers), architecture(config)["width"]), np.float32)},
+        parallel.replicated(mesh))
+    score_step = evaluate.make_score_step(config, networks)
+    run_dirs = [str(directory / split.name) for split in splits]
+
+    def split_by_split():
+        for split, run_dir in zip(splits, run_dirs, strict=True):
+            evaluate.evaluate_split(config, split, model, teacher, score_step, mesh, run_dir)
+
+    def group():
+        evaluate.evaluate_splits(config, splits, [model] * len(splits), teacher, networks, mesh,
+                                 run_dirs)
+
+    seconds = {}
+    for name, run in (("split_by_split_s", split_by_split), ("group_s", group)):
+        run()
+        start = time.perf_counter()
+        run()
+        seconds[name] = time.perf_counter() - start
+    return seconds
+
+
+def torch_fcd(config: ml_collections.ConfigDict, teacher_params: dict, student_params: dict,
+              compile_mode: str | None) -> Any:
+    """``torch_reference.TorchFcd`` holding these weights, with ``config``'s method and SGD
+    (``compile_mode`` None: eager)."""
     from benchmarks import torch_reference
 
     optim, method = config.optim, config.method
@@ -352,7 +406,7 @@ def torch_implementation(name: str, config: ml_collections.ConfigDict, teacher_p
     ) or tuple(method.gram_pairs):
         raise SystemExit("the PyTorch peer implements METHOD.md's default forms only")
     arch = architecture(config)
-    fcd = torch_reference.TorchFcd(
+    return torch_reference.TorchFcd(
         teacher_params, student_params, num_heads=arch["num_heads"], layers=method.layers,
         anchor_layers=method.anchor_layers, lam=method.lam, top_k=method.top_k,
         image_size=config.data.image_size, mean=config.data.mean, std=config.data.std,
@@ -362,6 +416,13 @@ def torch_implementation(name: str, config: ml_collections.ConfigDict, teacher_p
         freeze_pos_embedding=method.pos_embedding == FROZEN_POS_EMBEDDING,
         compile=compile_mode is not None, compile_mode=compile_mode or None,
     )
+
+
+def torch_implementation(name: str, config: ml_collections.ConfigDict, teacher_params: dict,
+                         student_params: dict, compile_mode: str | None) -> Implementation:
+    import torch
+
+    fcd = torch_fcd(config, teacher_params, student_params, compile_mode)
     return Implementation(
         name, train_step=fcd.train_step, score=fcd.score, to_input=torch.from_numpy,
         flops=train_step_flops(config),
@@ -369,6 +430,19 @@ def torch_implementation(name: str, config: ml_collections.ConfigDict, teacher_p
 
 
 # ---------------------------------------------------------------- the run
+
+
+def random_weights(config: ml_collections.ConfigDict, seed: int) -> tuple[dict, dict]:
+    """Host copies of a random teacher of the student's full depth (as a converted checkpoint
+    would be) and a random student (with the teacher's frozen position embedding)."""
+    student_model = build_networks(config).student
+    size = config.data.image_size
+    teacher_key, student_key = jax.random.split(jax.random.key(seed))
+    teacher_params = jax.device_get(init_params(student_model, size, teacher_key))
+    student_params = jax.device_get(init_params(student_model, size, student_key))
+    if config.method.pos_embedding == FROZEN_POS_EMBEDDING:
+        student_params = dict(student_params, pos_embedding=teacher_params["pos_embedding"])
+    return teacher_params, student_params
 
 
 def relative_error(value: np.ndarray, reference: np.ndarray) -> float:
@@ -457,13 +531,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     score_images = rng.integers(
         0, 256, (args.score_batch, args.image_size, args.image_size, 3), np.uint8
     )
-    student_model = build_networks(config).student
-    teacher_key, student_key = jax.random.split(jax.random.key(args.seed))
-    # A random teacher of the student's full depth, as a converted checkpoint would be.
-    teacher_params = jax.device_get(init_params(student_model, args.image_size, teacher_key))
-    student_params = jax.device_get(init_params(student_model, args.image_size, student_key))
-    if config.method.pos_embedding == FROZEN_POS_EMBEDDING:
-        student_params = dict(student_params, pos_embedding=teacher_params["pos_embedding"])
+    teacher_params, student_params = random_weights(config, args.seed)
 
     memory = HostMemory()
     impls = [jax_implementation("jax", config, teacher_params, student_params, images,
@@ -475,6 +543,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         )
         impls.append(jax_implementation(f"jax[{override}]", variant_config, teacher_params,
                                         student_params, images, score_images, memory))
+    if args.splits > 1:  # the production programs of a group of splits
+        impls.append(jax_implementation(f"jax[S={args.splits}]", config, teacher_params,
+                                        student_params, images, score_images, memory,
+                                        num_splits=args.splits))
     if args.reference == CPU_REFERENCE:
         cpu_config = bench_config(args.variant, args.image_size, args.batch, "float32",
                                   args.override)
@@ -541,7 +613,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         train_median = median_or_nan(train_seconds[impl.name])
         score_median = median_or_nan(score_seconds[impl.name])
         rows[impl.name] = dict(
-            train_images_per_s=args.batch / train_median,
+            train_images_per_s=impl.splits * args.batch / train_median,
             train_step_s=train_median,
             train_step_s_all=train_seconds[impl.name],
             train_cpu_s=median_or_nan(train_cpu[impl.name]),
@@ -550,9 +622,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             train_gflop=impl.flops / 1e9,
             train_gflop_per_s=impl.flops / train_median / 1e9,
             train_utilisation=impl.flops / train_median / peak["jax"],
-            score_images_per_s=args.score_batch / score_median,
+            score_images_per_s=impl.splits * args.score_batch / score_median,
             score_step_s=score_median,
-            score_gflop_per_s=score_flops / score_median / 1e9,
+            score_gflop_per_s=(score_step_flops(config, args.score_batch, impl.splits)
+                               / score_median / 1e9),
             compile_seconds=impl.compile_seconds,
             host_peak_increase_mb=impl.host_peak_bytes / 2**20,
         )
@@ -571,6 +644,122 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         f"speedup vs torch eager: {ratios.get('torch', float('nan')):.2f}, "
         f"vs torch.compile: {ratios.get('torch_compile', float('nan')):.2f}, "
         f"flop utilisation: {100 * jax_row['train_utilisation']:.0f}%"
+    )
+    return result
+
+
+# ---------------------------------------------------------------- the whole-job protocols
+
+
+PROTOCOL_MODEL = ["model.width=64", "model.depth=4", "model.num_heads=2", "model.mlp_dim=128",
+                  "method.top_k=4", "data.eval_batch_size=16"]
+
+
+def idle_split_steps(config: ml_collections.ConfigDict, train_sizes: Sequence[int]) -> float:
+    """The share of the production plan's split-steps spent on finished or padding splits: the
+    plan ``group_trainer.GroupTrainer`` runs (``fcd_jax.schedule``: ``group_size_for`` slots,
+    refilled and re-stacked, stacks multiples of the mesh's split axis)."""
+    from fcd_jax import schedule
+    from fcd_jax.sizing import group_size_for
+
+    slots = min(group_size_for(config, len(train_sizes)), len(train_sizes))
+    mesh = parallel.make_mesh(slots, config.data.batch_size, config.mesh_shape)
+    plan = schedule.plan_for(config, train_sizes, slots, mesh.shape[parallel.SPLIT])
+    return schedule.idle_fraction(plan)
+
+
+def run_protocol(args: argparse.Namespace) -> dict[str, Any]:
+    """``--protocol``: the whole job, fcd-jax's ``train_and_evaluate`` against the PyTorch loop
+    of the anchors (``benchmarks/protocol.py``), on one generated dataset; the losses and scores
+    of both are checked to agree first. fcd-jax runs twice in this process: cold (compiling its
+    programs) and warm (the compiled programs kept, as in a job whose compile time is
+    amortised); the speedup of the last line is the cold one."""
+    import torch
+
+    from benchmarks import protocol
+    from fcd_jax.datasets.split import holdout_count
+    from fcd_jax.sizing import group_size_for
+
+    torch.set_num_threads(args.torch_threads or os.cpu_count() or 1)
+    base = bench_config(args.variant, args.image_size, args.batch, "float32",
+                        [*PROTOCOL_MODEL, *args.override])
+    scratch = Path(protocol.scratch_dir())
+    try:
+        sizes = protocol.write_dataset(scratch / "data", args.protocol, args.scale,
+                                       args.image_size, args.num_test, args.protocol_splits)
+        config = protocol.protocol_config(base, scratch / "data", args.epochs)
+        train_sizes = [n - holdout_count(n, config.data.holdout_fraction) for n in sizes.values()]
+        group = group_size_for(config, len(sizes))
+        print(f"protocol {args.protocol}: {len(sizes)} splits, training sets {min(sizes.values())}"
+              f"-{max(sizes.values())} images ({sum(sizes.values())} in all), {args.epochs} "
+              f"epochs, batch {args.batch}, {group} splits per group, ViT {architecture(config)} "
+              f"at {args.image_size} px, on {jax.devices()[0]} ({os.cpu_count()} CPUs)")
+
+        rng = np.random.default_rng(args.seed)
+        images = rng.integers(0, 256, (args.batch, args.image_size, args.image_size, 3), np.uint8)
+        teacher_params, student_params = random_weights(config, args.seed)
+
+        # Agreement, then the production step (S = the group) against one eager torch step.
+        memory = HostMemory()
+        single = jax_implementation("jax", config, teacher_params, student_params, images,
+                                    images, memory)
+        eager = torch_implementation("torch", config, teacher_params, student_params, None)
+        losses = {impl.name: [np.asarray(impl.train_step(impl.to_input(images))).reshape(())
+                              for _ in range(args.warmup)] for impl in (single, eager)}
+        scores = {impl.name: [np.asarray(impl.score((impl.to_score_input or impl.to_input)(
+            images)))] for impl in (single, eager)}
+        for what, values in (("loss", losses), ("scores", scores)):
+            check_agreement("jax", what, values["jax"], values["torch"], args.rtol)
+        stacked = JaxFcd(config, teacher_params, student_params, images, images,
+                         num_splits=group)
+        stacked_impl = Implementation(f"jax[S={group}]", stacked.train_step, stacked.score,
+                                      stacked.to_input, stacked.to_score_input, stacked.block)
+        inputs = {impl.name: impl.to_input(images) for impl in (stacked_impl, eager)}
+        for impl in (stacked_impl, eager):
+            jax.block_until_ready(impl.train_step(inputs[impl.name]))
+        wall, _ = timed_rounds([stacked_impl, eager], lambda impl, x: impl.train_step(x), inputs,
+                               args.steps, settle=args.settle)
+        step_speedup = (group * statistics.median(wall["torch"])
+                        / statistics.median(wall[stacked_impl.name]))
+        print(f"production step at S = {group}: {statistics.median(wall[stacked_impl.name]):.3f} "
+              f"s for {group} split-steps; torch eager {statistics.median(wall['torch']):.3f} s "
+              f"per split-step: step speedup {step_speedup:.2f}")
+        del single, eager, stacked, stacked_impl, inputs
+
+        torch_run = protocol.torch_loop_process(
+            config, scratch / "data", teacher_params, student_params, args.workers,
+            args.torch_threads or os.cpu_count() or 1,
+        )
+        print(f"torch loop ({args.workers} DataLoader workers, eager): "
+              f"{torch_run['seconds']:.1f} s, {torch_run['split_steps']} split-steps")
+        cold = protocol.fcd_jax_job(config, str(scratch / "cold"))
+        print(f"fcd-jax train_and_evaluate, cold (compiling): {cold['seconds']:.1f} s")
+        warm = protocol.fcd_jax_job(config, str(scratch / "warm"))
+        print(f"fcd-jax train_and_evaluate, warm (programs compiled): {warm['seconds']:.1f} s")
+        if cold["image_auroc"] != warm["image_auroc"]:
+            raise SystemExit("the cold and warm fcd-jax runs differ: the job is not deterministic")
+        evaluation = time_evaluation(config, scratch / "eval", teacher_params, student_params)
+        print(f"evaluation of the {len(sizes)} splits, warm: split by split (evaluate_split) "
+              f"{evaluation['split_by_split_s']:.2f} s, one group (evaluate_splits) "
+              f"{evaluation['group_s']:.2f} s")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    idle = idle_split_steps(config, train_sizes)
+    result = dict(
+        args=vars(args), protocol=args.protocol, train_sizes=sizes, group_size=group,
+        machine=dict(platform=platform.platform(), cpu_count=os.cpu_count(),
+                     load_average=os.getloadavg()),
+        agreement={k: [float(x) for x in v] for k, v in losses.items()},
+        step_seconds={k: v for k, v in wall.items()}, step_speedup=step_speedup,
+        torch_loop=torch_run, fcd_jax_cold=cold, fcd_jax_warm=warm,
+        speedup_cold=torch_run["seconds"] / cold["seconds"],
+        speedup_warm=torch_run["seconds"] / warm["seconds"], idle_split_steps=idle,
+        evaluation=evaluation,
+    )
+    print(f"speedup vs torch loop, warm: {result['speedup_warm']:.2f}")
+    result["summary"] = (
+        f"protocol {args.protocol}: speedup vs torch loop {result['speedup_cold']:.2f}, "
+        f"idle split-steps {100 * idle:.1f}%, step speedup vs torch eager {step_speedup:.2f}"
     )
     return result
 
@@ -604,11 +793,15 @@ def print_table(rows: dict[str, dict[str, Any]], result: dict[str, Any]) -> None
             print(f"{name} train speedup " + ", ".join(train_ratios))
 
 
+PROTOCOL_DEFAULTS = [("variant", "B/16", "S/8"), ("image_size", 224, 32), ("batch", 8, 4)]
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variant", default="B/16", help="ViT variant, e.g. S/16 or B/16")
-    parser.add_argument("--image_size", type=int, default=224)
-    parser.add_argument("--batch", type=int, default=8, help="train batch")
+    parser.add_argument("--variant", default=None,
+                        help="ViT variant, e.g. S/16 or B/16 (default B/16; protocol: S/8)")
+    parser.add_argument("--image_size", type=int, default=None, help="default 224; protocol: 32")
+    parser.add_argument("--batch", type=int, default=None, help="train batch (8; protocol: 4)")
     parser.add_argument("--score_batch", type=int, default=32)
     parser.add_argument("--dtype", default="float32", help="fcd-jax compute dtype; params: f32")
     parser.add_argument("--steps", type=int, default=10, help="timed rounds of train steps")
@@ -620,6 +813,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="comma-separated subset of jax,torch,torch_compile")
     parser.add_argument("--override", action="append", default=[],
                         help="config override for every fcd-jax run, e.g. model.width=32")
+    parser.add_argument("--splits", type=int, default=1,
+                        help="> 1: also time the production programs of this many splits at once "
+                             "(the stacked train step, the group score step on a shared batch); "
+                             "img/s counts every split's images")
     parser.add_argument("--jax_variant", action="append", default=[],
                         help="an extra fcd-jax contestant: comma-separated overrides, e.g. "
                              "model.scan_layers=False")
@@ -637,7 +834,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="do not restart with GLIBC_TUNABLES=glibc.malloc.hugetlb=1")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="", help="write every measurement to this file")
+    parser.add_argument("--protocol", default="", choices=["", "mvtec_like", "cifar_like"],
+                        help="run the whole job end to end against the PyTorch loop instead "
+                             "(benchmarks/protocol.py); --variant, --image_size, --batch and "
+                             "--override set the model, a small ViT by default")
+    parser.add_argument("--scale", type=float, default=0.1,
+                        help="protocol: training-set sizes relative to MVTec AD's / CIFAR-10's")
+    parser.add_argument("--epochs", type=int, default=2, help="protocol: epochs per split")
+    parser.add_argument("--num_test", type=int, default=16, help="protocol: test images a split")
+    parser.add_argument("--protocol_splits", type=int, default=0,
+                        help="protocol: only the first N categories (0 = all; the tests' form)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="protocol: the PyTorch loop's DataLoader workers")
     args = parser.parse_args(argv)
+    for name, step_default, protocol_default in PROTOCOL_DEFAULTS:
+        if getattr(args, name) is None:
+            setattr(args, name, protocol_default if args.protocol else step_default)
     args.impls = [name.strip() for name in args.impls.split(",") if name.strip()]
     return args
 
@@ -663,7 +875,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if not args.no_huge_pages and __name__ == "__main__":
         reexec_with_huge_pages(sys.argv[1:] if argv is None else argv)
-    result = run_benchmark(args)
+    result = run_protocol(args) if args.protocol else run_benchmark(args)
     if args.json:
         with open(args.json, "w") as out:
             json.dump(result, out, indent=1, default=str)

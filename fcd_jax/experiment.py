@@ -16,7 +16,7 @@ from absl import logging
 
 from fcd_jax import workdir
 from fcd_jax.errors import FcdError
-from fcd_jax.evaluate import SavedRuns, evaluate_split, make_score_step
+from fcd_jax.evaluate import SavedRuns, evaluate_splits
 from fcd_jax.group_trainer import GroupTrainer
 from fcd_jax.input_pipeline import load_split, select_splits
 from fcd_jax.metrics import auroc_text
@@ -36,7 +36,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, directory: str) -> dic
     networks = build_networks(config)  # checks the block plan before anything is written
     workdir.check_training_config(config, directory, record=True)
     teacher_params = networks.teacher_params(teacher.params)
-    score_step = make_score_step(config, networks)
 
     summaries = {name: workdir.read_finished(directory, name) for name in names}
     for name, summary in summaries.items():
@@ -55,14 +54,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, directory: str) -> dic
         ) as trainer:
             trainer.train()
             models = {name: trainer.model(name) for name in todo}
-        for split in splits:
-            if split.name in models:
-                summaries[split.name] = finish_run(
-                    config, directory, evaluate_split(
-                        config, split, models[split.name], trainer.teacher_params, score_step,
-                        trainer.mesh, workdir.run_dir(directory, split.name),
-                    ),
-                )
+            chunk = trainer.num_stacked  # as many students at once as trained at once
+        left = [split for split in splits if split.name in models]
+        for start in range(0, len(left), chunk):
+            part = left[start: start + chunk]
+            for summary in evaluate_splits(
+                config, part, [models[split.name] for split in part], trainer.teacher_params,
+                networks, trainer.mesh, [workdir.run_dir(directory, split.name) for split in part],
+            ):
+                summaries[summary["name"]] = finish_run(config, directory, summary)
     runs = [summaries[name] for name in names]
     if jax.process_index() == 0:
         workdir.write_reports(config, directory, runs, teacher.is_random)
@@ -90,13 +90,18 @@ def evaluate_saved(config: ml_collections.ConfigDict, directory: str) -> dict:
     if not names:
         raise FcdError(f"no trained run in {directory}: train first (--mode=train_and_eval)")
     saved = SavedRuns.open(config, directory)
-    runs = [
-        finish_run(saved.config, directory, evaluate_split(
-            saved.config, load_split(saved.config.data, name), saved.load_model(name),
-            saved.teacher_params, saved.score_step, saved.mesh, workdir.run_dir(directory, name),
-        ))
-        for name in names
-    ]
+    group_size = group_size_for(saved.config, len(names))
+    runs = []
+    for start in range(0, len(names), group_size):
+        group = names[start: start + group_size]
+        runs += [
+            finish_run(saved.config, directory, summary)
+            for summary in evaluate_splits(
+                saved.config, [load_split(saved.config.data, name) for name in group],
+                [saved.load_model(name) for name in group], saved.teacher_params,
+                saved.networks, saved.mesh, [workdir.run_dir(directory, name) for name in group],
+            )
+        ]
     if jax.process_index() == 0:
         workdir.write_reports(saved.config, directory, runs, saved.teacher_is_random)
     return {"runs": runs, "teacher_is_random": saved.teacher_is_random}

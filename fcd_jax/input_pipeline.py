@@ -24,7 +24,8 @@ from fcd_jax.errors import DataError, FcdError
 
 __all__ = [
     "ArraySource", "ImageSource", "MaskSource", "Split", "DATASETS", "list_splits", "load_split",
-    "named_splits", "select_splits", "steps_per_epoch", "train_batches", "eval_batches", "prefetch",
+    "named_splits", "select_splits", "steps_per_epoch", "train_batches", "eval_batches",
+    "eval_batch", "prefetch",
 ]  # fmt: skip
 
 DATASETS = ("cifar10", "cifar100", "fashion_mnist", "mvtec", "folder", "digits", "textures")
@@ -162,15 +163,23 @@ def eval_batches(
     Global batch k holds images ``k * batch_size ...``; the last one is padded with zero images
     (``valid`` False). Every process yields the same number of batches.
     """
+    for start in range(0, len(source), batch_size):
+        yield eval_batch(source, batch_size, start, process_index, process_count)
+
+
+def eval_batch(
+    source: ImageSource, batch_size: int, start: int, process_index: int = 0,
+    process_count: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """This process's rows of the global batch of images ``start .. start + batch_size - 1``:
+    ``(images [b, ...], valid bool [b])``, zero images (``valid`` False) past the end."""
     rows = _process_rows(batch_size, process_index, process_count)
-    n = len(source)
-    for start in range(0, n, batch_size):
-        indices = np.arange(start, start + batch_size)[rows]
-        valid = indices < n
-        images = np.zeros((len(indices), *np.shape(source[0])), np.uint8)
-        if valid.any():
-            images[valid] = source.get_batch(indices[valid])
-        yield images, valid
+    indices = np.arange(start, start + batch_size)[rows]
+    valid = indices < len(source)
+    images = np.zeros((len(indices), *np.shape(source[0])), np.uint8)
+    if valid.any():
+        images[valid] = source.get_batch(indices[valid])
+    return images, valid
 
 
 def prefetch(iterator: Iterable, size: int = 2) -> Iterator:

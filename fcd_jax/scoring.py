@@ -185,45 +185,71 @@ def score_images(
     images: jax.Array,
     method_config: Any,
     image_size: int | tuple[int, int],
+    with_maps: bool = True,
 ) -> dict[str, jax.Array]:
-    """From normalised NHWC images to :func:`anomaly_scores` with the ``map`` at ``image_size``
-    (pure; ``evaluate.make_score_step`` calls it inside its jitted step). ``method_config``
-    holds the block plan's indices (``networks.BlockPlan.method``). A CNN backbone's models are
-    scored by :func:`score_cnn_images`."""
-    if not isinstance(student_model, ViT):
-        return score_cnn_images(teacher_model, student_model, teacher_params, student_params,
-                                anchor, images, method_config, image_size)
-    teacher_blocks = teacher_model.apply({"params": teacher_params}, images)["blocks"]
-    student_blocks = student_model.apply({"params": student_params}, images)["blocks"]
-    patch = student_model.patch_size
-    grid_shape = (images.shape[1] // patch, images.shape[2] // patch)
-    return anomaly_scores(
-        teacher_blocks, student_blocks, anchor, method_config,
-        grid_shape=grid_shape, image_size=_image_hw(image_size),
+    """From normalised NHWC images to :func:`anomaly_scores`, with the ``map`` at ``image_size``
+    only ``with_maps`` (pure; ``evaluate.make_score_step`` calls it inside its jitted step).
+    ``method_config`` holds the block (or tap) plan's indices (``networks.BlockPlan.method``)."""
+    return score_student(
+        student_model, student_params, teacher_outputs(teacher_model, teacher_params, images),
+        anchor, images, method_config, image_size, with_maps,
     )
 
 
-def score_cnn_images(
-    teacher_model: nn.Module,
+def teacher_outputs(teacher_model: nn.Module, teacher_params: Any, images: jax.Array) -> Any:
+    """What scoring reads of the teacher: a ViT's ``"blocks"``, a CNN's ``"taps"`` (inference
+    mode, on its Flax variables). Evaluation computes it once per test batch for every student."""
+    if isinstance(teacher_model, ViT):
+        return teacher_model.apply({"params": teacher_params}, images)["blocks"]
+    return _cnn_taps(teacher_model, teacher_params, images)
+
+
+def _cnn_taps(model: nn.Module, variables: Any, images: jax.Array) -> tuple[jax.Array, ...]:
+    return model.apply(variables, images.astype(model.dtype), train=False)["taps"]
+
+
+def score_student(
+    student_model: nn.Module, student_params: Any, teacher_out: Any, anchor: jax.Array,
+    images: jax.Array, method_config: Any, image_size: int | tuple[int, int],
+    with_maps: bool = True,
+) -> dict[str, jax.Array]:
+    """:func:`score_images` given :func:`teacher_outputs` of ``images``: the part of scoring that
+    depends on the student. Without ``with_maps`` no full-resolution map is computed, unless
+    ``image_score`` is "max", which scores the map (it is still left out of the result)."""
+    needs_map = with_maps or method_config.image_score == "max"
+    if isinstance(student_model, ViT):
+        student_blocks = student_model.apply({"params": student_params}, images)["blocks"]
+        patch = student_model.patch_size
+        scores = anomaly_scores(
+            teacher_out, student_blocks, anchor, method_config,
+            grid_shape=(images.shape[1] // patch, images.shape[2] // patch),
+            image_size=_image_hw(image_size) if needs_map else None,
+        )
+    else:
+        scores = score_cnn_student(student_model, student_params, teacher_out, anchor, images,
+                                   method_config, image_size if needs_map else None)
+    if not with_maps:
+        scores.pop("map", None)
+    return scores
+
+
+def score_cnn_student(
     student_model: nn.Module,
-    teacher_params: Any,
     student_params: Any,
+    teacher_taps: tuple[jax.Array, ...],
     anchor: jax.Array,
     images: jax.Array,
     method_config: Any,
     image_size: int | tuple[int, int] | None,
 ) -> dict[str, jax.Array]:
-    """:func:`score_images` for a CNN backbone (METHOD.md "The paper's ablations"): both networks
-    in inference mode on their Flax variables (the student's batch norm on the running statistics
-    it trained), then ``fcd_jax.mkdad.anomaly_scores``: MKDAD's score on ``score_taps`` + S_A on
+    """:func:`score_student` for a CNN backbone (METHOD.md "The paper's ablations"): the student
+    in inference mode on its Flax variables (its batch norm on the running statistics it
+    trained), then ``fcd_jax.mkdad.anomaly_scores``: MKDAD's score on ``score_taps`` + S_A on
     GAP'd features, and the map at ``image_size`` (None: no map). ``method_config`` holds the
     tap plan's indices (``networks.TapPlan.method``)."""
     from fcd_jax import mkdad  # mkdad builds on this module's smoothing: imported when used
 
-    def taps(model: nn.Module, variables: Any) -> tuple[jax.Array, ...]:
-        return model.apply(variables, images.astype(model.dtype), train=False)["taps"]
-
     return mkdad.anomaly_scores(
-        taps(teacher_model, teacher_params), taps(student_model, student_params), anchor,
+        teacher_taps, _cnn_taps(student_model, student_params, images), anchor,
         method_config, image_size=None if image_size is None else _image_hw(image_size),
     )

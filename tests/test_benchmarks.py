@@ -42,12 +42,15 @@ def test_benchmark_runs_on_a_tiny_model_and_implementations_agree(capsys):
     result = bench.main([
         *TINY_ARGS, "--batch=2", "--score_batch=3", "--steps=2", "--score_steps=1",
         "--warmup=2", "--impls=jax,torch", "--peak_size=64",
-        "--jax_variant=train.teacher_cache=on",
+        "--jax_variant=train.teacher_cache=on", "--splits=2",
     ])
     assert result["agreement"]["reference"] == "torch"
     for name in ("jax", "jax[train.teacher_cache=on]"):
         errors = result["agreement"]["relative_errors"][name]
         assert errors["loss"] < 1e-5 and errors["scores"] < 1e-5, name
+    stacked = result["results"]["jax[S=2]"]  # the production programs of two splits
+    assert stacked["train_gflop"] == pytest.approx(2 * result["results"]["jax"]["train_gflop"])
+    assert stacked["train_images_per_s"] > 0 and stacked["score_images_per_s"] > 0
     cached = result["results"]["jax[train.teacher_cache=on]"]
     assert cached["train_gflop"] < result["results"]["jax"]["train_gflop"]  # no teacher forward
     losses = result["agreement"]["losses"]
@@ -219,3 +222,46 @@ def test_groupc_is_scaled_to_the_depth():
     assert bench.scaled_layers((3, 6, 9, 11), 4) == (0, 1, 2, 3)
     assert bench.scaled_layers((3, 6, 9, 11), 2) == (0, 1)
     assert bench_tiny_config().method.anchor_layers == (3,)
+
+
+# ---------------------------------------------------------------- the whole-job protocols
+
+
+@pytest.mark.parametrize("protocol", ["mvtec_like", "cifar_like"])
+def test_protocol_runs_the_whole_job_on_a_tiny_config(protocol, capsys):
+    """Two categories of 8 images, one epoch: fcd-jax's train_and_evaluate (cold and warm) and
+    the PyTorch loop both train and score every split, after agreeing on the losses."""
+    result = bench.main([
+        f"--protocol={protocol}", *TINY_ARGS, "--batch=2", "--scale=0.001", "--epochs=1",
+        "--num_test=4", "--protocol_splits=2", "--steps=1", "--warmup=1", "--workers=1",
+        "--no_huge_pages",
+    ])
+    assert len(result["train_sizes"]) == 2 and set(result["train_sizes"].values()) == {8}
+    losses = result["agreement"]
+    np.testing.assert_allclose(losses["jax"], losses["torch"], rtol=1e-5)
+    assert result["torch_loop"]["split_steps"] == 2 * 3  # 7 images after the holdout, batch 2
+    assert result["fcd_jax_cold"]["image_auroc"] == result["fcd_jax_warm"]["image_auroc"]
+    assert list(result["fcd_jax_cold"]["image_auroc"]) == list(result["torch_loop"]["image_auroc"])
+    assert result["idle_split_steps"] == 0.0  # equal sizes in one group
+    assert result["evaluation"]["group_s"] > 0 and result["evaluation"]["split_by_split_s"] > 0
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"protocol {protocol}: speedup vs torch loop \d+\.\d\d, idle split-steps \d+\.\d%, "
+        r"step speedup vs torch eager \d+\.\d\d",
+        last_line,
+    ), last_line
+
+
+def test_idle_split_steps_is_the_production_plans():
+    """Two slots, training sets of 8, 16 and 40 images at batch 4 (2, 4 and 10 steps): fixed
+    groups of two would compute 2 x 4 + 2 x 10 split-steps for 16 useful ones; the schedule puts
+    the 8-image split in the slot the 16-image one frees and re-stacks the tail into one slot."""
+    from fcd_jax import schedule
+
+    config = bench_tiny_config(batch=4)
+    config.train.update(epochs=1, steps=0)
+    config.parallel_splits = "2"
+    idle = bench.idle_split_steps(config, [8, 16, 40])
+    assert idle == schedule.idle_fraction(schedule.plan_for(config, [8, 16, 40], 2))
+    assert schedule.fixed_groups_idle_fraction([2, 4, 10], 2, 1) == pytest.approx(1 - 16 / 28)
+    assert idle < 1 - 16 / 28

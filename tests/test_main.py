@@ -240,7 +240,7 @@ def test_rerun_skips_finished_runs(data_root, trained, monkeypatch, caplog):
     files = mtimes(trained / "runs")
     before = results(trained)
     monkeypatch.setattr(experiment, "GroupTrainer", forbidden)
-    monkeypatch.setattr(experiment, "evaluate_split", forbidden)
+    monkeypatch.setattr(experiment, "evaluate_splits", forbidden)
     with caplog.at_level(logging.INFO):
         fcd_main.run(folder_config(data_root), str(trained), "train_and_eval")
     for name in CATEGORIES:

@@ -210,3 +210,25 @@ def test_score_step_runs_a_tiny_vit_end_to_end(tiny_config):
     np.testing.assert_allclose(same["map"], 0.0, atol=1e-4)
     cls = np.asarray(teacher_blocks)[3, :, 0]
     np.testing.assert_allclose(same["score"], 2 * np.linalg.norm(cls, axis=-1), rtol=1e-4)
+
+
+@pytest.mark.parametrize("image_score", ["paper", "max"])
+def test_score_step_without_maps_gives_the_same_scores(tiny_config, image_score):
+    """``with_maps=False`` leaves out the full-resolution map (for "max" it is still scored)."""
+    config = tiny_config(image_score=image_score)
+    networks = build_networks(config)
+    rng = np.random.default_rng(7)
+    shapes = jax.eval_shape(
+        lambda: networks.student.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+    )
+    teacher_params, student_params = (
+        jax.tree.map(lambda leaf: jnp.asarray(rng.normal(size=leaf.shape) * 0.3), shapes)
+        for _ in range(2)
+    )
+    images = rng.integers(0, 256, size=(1, 4, 16, 16, 3), dtype=np.uint8)
+    step = evaluate.make_score_step(config, networks)
+    anchor = jnp.ones((1, 32))
+    with_maps = step(teacher_params, student_params, anchor, images)
+    scores_only = step(teacher_params, student_params, anchor, images, with_maps=False)
+    assert set(with_maps) == {"score", "map"} and set(scores_only) == {"score"}
+    np.testing.assert_array_equal(scores_only["score"], with_maps["score"])

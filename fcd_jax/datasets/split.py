@@ -8,6 +8,9 @@ resizing to the model size and normalisation happen on the device (``input_pipel
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+from collections.abc import Hashable
 from typing import Protocol
 
 import numpy as np
@@ -50,6 +53,21 @@ class ArraySource:
 
     def subset(self, indices: np.ndarray) -> ArraySource:
         return ArraySource(self.images[np.asarray(indices, dtype=np.int64)])
+
+    @functools.cached_property
+    def identity(self) -> Hashable:
+        """What the images are, not where they came from: shape and a digest of the bytes, so
+        that the runs of one dataset (CIFAR-10's ten classes) are seen to share one test set
+        however each loaded it. Computed on first use (about 30 ms for CIFAR's 10,000 images)."""
+        images = np.ascontiguousarray(self.images)
+        return images.shape, hashlib.blake2b(images.data, digest_size=16).hexdigest()
+
+
+def source_identity(source: ImageSource) -> Hashable:
+    """A key equal for two sources exactly when they hold the same images in the same order:
+    ``ArraySource.identity``, else the object itself (a source equals only itself)."""
+    identity = getattr(source, "identity", None)
+    return ("object", id(source)) if identity is None else ("images", identity)
 
 
 MaskSource = ArraySource  # masks: [n, H, W] uint8 in {0, 1}, at the images' host size
