@@ -37,7 +37,7 @@ from fcd_jax.input_pipeline import eval_batch, eval_batches
 from fcd_jax.metrics import summarise_run, threshold_from_normal
 from fcd_jax.networks import Networks, build_networks
 from fcd_jax.preprocessing import preprocess
-from fcd_jax.scoring import score_images, score_student
+from fcd_jax.scoring import score_images, score_student, teacher_outputs
 from fcd_jax.teacher import load_teacher
 
 
@@ -97,11 +97,12 @@ def make_group_score_step(
             )
         images = jax.vmap(lambda batch: preprocess(batch, config.data))(images)
         teacher_blocks = jax.vmap(
-            lambda batch: networks.teacher.apply({"params": teacher_params}, batch)["blocks"]
+            lambda batch: teacher_outputs(networks.teacher, teacher_params, batch)
         )(images)
         image_axis = 0 if images.shape[0] > 1 else None  # one batch per slot, or one for all
         if image_axis is None:
-            teacher_blocks, images = teacher_blocks[0], images[0]
+            teacher_blocks = jax.tree.map(lambda leaf: leaf[0], teacher_blocks)
+            images = images[0]
         return jax.vmap(
             functools.partial(one_student, with_maps=with_maps),
             in_axes=(0, 0, image_axis, image_axis),
