@@ -23,6 +23,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from numpy.typing import ArrayLike
 
 from fcd_jax import metrics, paper_results
@@ -261,22 +262,19 @@ def plot_score_histograms(path: str | os.PathLike, runs: Sequence[Mapping[str, A
         scores = np.asarray(run["scores"], dtype=np.float64)
         labels = np.asarray(run["labels"]).astype(bool)
         bins = np.histogram_bin_edges(np.append(scores, run["threshold"]), bins=30)
-        for kind, selected, color in (
-            ("normal", ~labels, _NORMAL_COLOR),
-            ("anomalous", labels, _ANOMALOUS_COLOR),
-        ):
-            axes.hist(
-                scores[selected], bins=bins, density=True, alpha=0.55, color=color, label=kind
-            )
+        for selected, color in ((~labels, _NORMAL_COLOR), (labels, _ANOMALOUS_COLOR)):
+            if selected.any():  # a folder may have no anomalous (or no test) images at all
+                axes.hist(scores[selected], bins=bins, density=True, alpha=0.55, color=color)
         axes.axvline(run["threshold"], color="black", linestyle="--", linewidth=1.2)
         counts = f"{int((~labels).sum())} normal, {int(labels.sum())} anomalous"
         axes.set_title(f"{run['name']} (AUROC {_auroc_text(scores, labels)})\n{counts}",
                        fontsize="small")
         axes.tick_params(labelsize="x-small")
         axes.set_yticks([])
-    handles, names = grid[0].get_legend_handles_labels()
+    handles = [Patch(color=color, alpha=0.55) for color in (_NORMAL_COLOR, _ANOMALOUS_COLOR)]
     handles.append(Line2D([], [], color="black", linestyle="--", linewidth=1.2))
-    figure.legend(handles, [*names, "threshold"], loc="outside upper right", ncols=3)
+    figure.legend(handles, ["normal", "anomalous", "threshold"], loc="outside upper right",
+                  ncols=3)
     figure.supxlabel("anomaly score")
     figure.suptitle("Test scores: normal vs anomalous (density)")
     _save(figure, path)

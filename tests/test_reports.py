@@ -2,6 +2,7 @@
 
 import csv
 import json
+import warnings
 
 import ml_collections
 import numpy as np
@@ -188,3 +189,15 @@ def test_run_arrays_round_trip(tmp_path):
     assert loaded["name"] == "bottle" and loaded["threshold"] == run["threshold"]
     for key in ("scores", "labels", "maps", "masks"):
         np.testing.assert_array_equal(loaded[key], run[key])
+
+
+def test_score_histograms_of_runs_without_anomalous_or_test_images_warn_nothing(tmp_path):
+    """A folder with only good images (or no test/ folder) is a legitimate run: its histogram
+    panel draws what exists, with no numpy division warning in the user's log."""
+    only_good = dict(name="good", scores=np.linspace(0, 1, 6), labels=np.zeros(6, int),
+                     threshold=0.8)
+    no_test = dict(name="none", scores=np.zeros(0), labels=np.zeros(0, int), threshold=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reports.plot_score_histograms(tmp_path / "histograms.png", [only_good, no_test])
+    assert mpl_image.imread(tmp_path / "histograms.png").shape[0] > 100
