@@ -24,6 +24,7 @@ from ml_collections import config_flags
 
 from fcd_jax import experiment
 from fcd_jax.errors import ConfigError, FcdError
+from fcd_jax.log_filter import quiet_library_logs
 from fcd_jax.reports import RANDOM_TEACHER_WARNING, write_atomically
 
 ABLATION_JSON, ABLATION_MD = "ablation.json", "ablation.md"
@@ -134,6 +135,7 @@ def define_flags() -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    quiet_library_logs()
     try:
         result = run_ablation(FLAGS.config, FLAGS.workdir)
     except FcdError as error:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging as python_logging
 import os
 import re
 import sys
@@ -25,6 +24,7 @@ from ml_collections import config_flags
 
 from fcd_jax import config_checks, experiment, predict
 from fcd_jax.errors import FcdError
+from fcd_jax.log_filter import quiet_library_logs
 from fcd_jax.workdir import locked, with_recorded_teacher
 
 MODES = ("train_and_eval", "eval", "predict")
@@ -43,7 +43,6 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (defaul
 flags.DEFINE_integer("num_processes", None, "Number of processes (default: autodetect).")
 flags.DEFINE_integer("process_id", None, "This process's index (default: autodetect).")
 FLAGS = flags.FLAGS
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def dataset_configs(config) -> dict:
@@ -144,24 +143,6 @@ def parse_flags(argv: list[str]) -> list[str]:
         first_line = (str(error).splitlines() or [""])[0]
         fail(f"cannot read the flags ({type(error).__name__}: {first_line}): check --config and "
              "its --config.X overrides")
-
-
-class LibraryInfoFilter(python_logging.Filter):
-    """Passes warnings and worse, and fcd_jax's own records; drops other modules' INFO, and the
-    stack traces their warnings and errors carry (their message line stays: e.g. orbax's
-    background threads on a full disk, which ``main`` then reports as one line)."""
-
-    def filter(self, record: python_logging.LogRecord) -> bool:
-        if os.path.abspath(record.pathname).startswith(PACKAGE_DIR):
-            return True
-        record.exc_info, record.exc_text, record.stack_info = None, None, None
-        return record.levelno >= python_logging.WARNING
-
-
-def quiet_library_logs() -> None:
-    """Without ``--verbosity``/``-v``: hides orbax's and JAX's INFO flood (issue 15, class 9)."""
-    if not FLAGS["verbosity"].present:
-        logging.get_absl_handler().addFilter(LibraryInfoFilter())
 
 
 def main(argv: list[str]) -> None:

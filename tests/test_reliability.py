@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from configs import folder
+from fcd_jax import log_filter, workdir
 from fcd_jax import main as fcd_main
-from fcd_jax import workdir
 from fcd_jax.errors import ConfigError, FcdError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def test_library_info_is_filtered_unless_verbose():
     library = logging.LogRecord("absl", logging.INFO, "/x/orbax/checkpoint/a.py", 1, "m", (), None)
     ours = logging.LogRecord("absl", logging.INFO, fcd_main.__file__, 1, "m", (), None)
     warning = logging.LogRecord("absl", logging.WARNING, "/x/orbax/a.py", 1, "m", (), None)
-    keep = fcd_main.LibraryInfoFilter().filter
+    keep = log_filter.LibraryInfoFilter().filter
     assert not keep(library) and keep(ours) and keep(warning)
     try:
         raise ValueError("RESOURCE_EXHAUSTED")
