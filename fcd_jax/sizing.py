@@ -108,6 +108,6 @@ def auto_parallel_splits(config: ml_collections.ConfigDict, num_splits: int) -> 
     group = int(multihost_utils.broadcast_one_to_all(np.int32(group)))
     logging.info(
         "parallel_splits=auto: %.2f GiB per split, %.2f GiB fixed, %d of %d splits at once",
-        per_split / 2**30, (one - per_split) / 2**30, group, num_splits,
+        per_split / 2**30, max(one - per_split, 0) / 2**30, group, num_splits,
     )
     return group
