@@ -11,7 +11,7 @@ METHOD.md "The paper's ablations": ``model.backbone`` "vgg16" or "resnet18" runs
 CNN instead (teacher VGG16 / ResNet18, student MKDAD's cloner / ResNet18, ``fcd_jax.mkdad``'s
 losses and score); :class:`TapPlan` is then the plan (``method.loss_taps`` / ``score_taps``),
 and a network's "params" are its Flax variables (``params`` and, with batch norm,
-``batch_stats``): :func:`init_model` and :func:`model_outputs` hide the difference.
+``batch_stats``): :func:`init_model` and ``models.model_outputs`` hide the difference.
 :func:`check_backbone` checks the CNN options before anything runs.
 """
 
@@ -28,7 +28,14 @@ import ml_collections
 from fcd_jax import mkdad
 from fcd_jax.errors import ConfigError
 from fcd_jax.losses import gram_pairs
-from fcd_jax.models import ViT, build_vit, init_params, resnet, truncate_params, vgg
+from fcd_jax.models import (
+    build_vit,
+    init_params,
+    is_cnn_model,
+    resnet,
+    truncate_params,
+    vgg,
+)
 
 # Config fields the teacher's spec decides (``fcd_jax.teacher.reconcile`` fills them); None until
 # then, so that nothing is built with a value that is not the one that runs.
@@ -202,11 +209,6 @@ class Networks:
         return 1, taps[-1].shape[-1]
 
 
-def is_cnn_model(model: nn.Module) -> bool:
-    """Whether ``model`` is one of the CNNs (``{"taps"}``), not the ViT (``{"blocks"}``)."""
-    return not isinstance(model, ViT)
-
-
 def init_model(model: nn.Module, image_size: int, key: jax.Array) -> dict:
     """Random params of ``model`` for ``image_size`` px RGB input: a ViT's ``params`` tree, a
     CNN's Flax variables (``params`` and any ``batch_stats``)."""
@@ -214,14 +216,6 @@ def init_model(model: nn.Module, image_size: int, key: jax.Array) -> dict:
         return init_params(model, image_size, key)
     images = jax.numpy.zeros((1, image_size, image_size, 3), jax.numpy.float32)
     return jax.jit(model.init)(key, images)
-
-
-def model_outputs(model: nn.Module, params: dict, images: jax.Array) -> dict:
-    """``model`` on normalised NHWC images in inference mode (a CNN's batch norm on its running
-    statistics): ``{"blocks", "encoded"}`` for a ViT, ``{"taps"}`` for a CNN."""
-    if is_cnn_model(model):
-        return model.apply(params, images.astype(model.dtype), train=False)
-    return model.apply({"params": params}, images.astype(model.dtype))
 
 
 def build_cnns(model_config: Any) -> tuple[nn.Module, nn.Module]:

@@ -18,7 +18,7 @@ import numpy as np
 
 from fcd_jax.errors import FcdError
 from fcd_jax.losses import anchor_distance, cls_tokens, select_layers, token_diff
-from fcd_jax.models.vit import ViT
+from fcd_jax.models import is_cnn_model, model_outputs
 
 IMAGE_SCORES = ("paper", "max")
 GAUSSIAN_TRUNCATE = 4.0  # kernel radius in sigmas, as scipy.ndimage.gaussian_filter
@@ -197,15 +197,11 @@ def score_images(
 
 
 def teacher_outputs(teacher_model: nn.Module, teacher_params: Any, images: jax.Array) -> Any:
-    """What scoring reads of the teacher: a ViT's ``"blocks"``, a CNN's ``"taps"`` (inference
-    mode, on its Flax variables). Evaluation computes it once per test batch for every student."""
-    if isinstance(teacher_model, ViT):
-        return teacher_model.apply({"params": teacher_params}, images)["blocks"]
-    return _cnn_taps(teacher_model, teacher_params, images)
-
-
-def _cnn_taps(model: nn.Module, variables: Any, images: jax.Array) -> tuple[jax.Array, ...]:
-    return model.apply(variables, images.astype(model.dtype), train=False)["taps"]
+    """What scoring reads of the teacher (``models.model_outputs``, inference mode): a ViT's
+    ``"blocks"``, a CNN's ``"taps"``. Evaluation computes it once per test batch for every
+    student."""
+    outputs = model_outputs(teacher_model, teacher_params, images)
+    return outputs["taps"] if is_cnn_model(teacher_model) else outputs["blocks"]
 
 
 def score_student(
@@ -217,8 +213,8 @@ def score_student(
     depends on the student. Without ``with_maps`` no full-resolution map is computed, unless
     ``image_score`` is "max", which scores the map (it is still left out of the result)."""
     needs_map = with_maps or method_config.image_score == "max"
-    if isinstance(student_model, ViT):
-        student_blocks = student_model.apply({"params": student_params}, images)["blocks"]
+    if not is_cnn_model(student_model):
+        student_blocks = model_outputs(student_model, student_params, images)["blocks"]
         patch = student_model.patch_size
         scores = anomaly_scores(
             teacher_out, student_blocks, anchor, method_config,
@@ -250,6 +246,6 @@ def score_cnn_student(
     from fcd_jax import mkdad  # mkdad builds on this module's smoothing: imported when used
 
     return mkdad.anomaly_scores(
-        teacher_taps, _cnn_taps(student_model, student_params, images), anchor,
+        teacher_taps, model_outputs(student_model, student_params, images)["taps"], anchor,
         method_config, image_size=None if image_size is None else _image_hw(image_size),
     )

@@ -23,7 +23,8 @@ import optax
 
 from fcd_jax import mkdad, parallel
 from fcd_jax.losses import fcd_loss, update_anchor
-from fcd_jax.networks import Networks, model_outputs
+from fcd_jax.models import model_outputs
+from fcd_jax.networks import Networks
 from fcd_jax.preprocessing import preprocess
 from fcd_jax.train_state import TrainState, learning_rate, make_optimizer
 

@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 import flax.linen as nn
+import jax
 
 from fcd_jax.models.vit import (
     VARIANTS,
@@ -16,8 +17,8 @@ from fcd_jax.models.vit import (
     truncate_params,
 )
 
-__all__ = ["VARIANTS", "ViT", "build_vit", "init_params", "load_pretrained", "parse_variant",
-           "truncate_params"]
+__all__ = ["VARIANTS", "ViT", "build_vit", "init_params", "is_cnn_model", "load_pretrained",
+           "model_outputs", "parse_variant", "truncate_params"]
 
 
 def load_pretrained(path: str | os.PathLike, *, image_size: int | None = None
@@ -31,3 +32,16 @@ def load_pretrained(path: str | os.PathLike, *, image_size: int | None = None
     from fcd_jax import convert  # the converters (and torch, for .pth) only when called
 
     return convert.load_pretrained(path, image_size=image_size)
+
+
+def is_cnn_model(model: nn.Module) -> bool:
+    """Whether ``model`` is one of the CNNs (``{"taps"}``), not the ViT (``{"blocks"}``)."""
+    return not isinstance(model, ViT)
+
+
+def model_outputs(model: nn.Module, params: dict, images: jax.Array) -> dict:
+    """``model`` on normalised NHWC images in inference mode (a CNN's batch norm on its running
+    statistics): ``{"blocks", "encoded"}`` for a ViT, ``{"taps"}`` for a CNN."""
+    if is_cnn_model(model):
+        return model.apply(params, images.astype(model.dtype), train=False)
+    return model.apply({"params": params}, images.astype(model.dtype))
