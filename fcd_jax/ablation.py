@@ -22,7 +22,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from fcd_jax import experiment
+from fcd_jax import compilation_cache, experiment
 from fcd_jax.errors import ConfigError, FcdError
 from fcd_jax.log_filter import quiet_library_logs
 from fcd_jax.reports import RANDOM_TEACHER_WARNING, write_atomically
@@ -130,12 +130,14 @@ def define_flags() -> None:
         "config", None, "A configs/ablations/*.py file, optionally with ':runlocal'.",
         lock_config=True)
     flags.DEFINE_string("workdir", None, "Where the arms' workdirs and the comparison go.")
+    compilation_cache.define_flag()
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     quiet_library_logs()
+    compilation_cache.enable(FLAGS.compilation_cache)
     try:
         result = run_ablation(FLAGS.config, FLAGS.workdir)
     except FcdError as error:

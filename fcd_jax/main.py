@@ -22,7 +22,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fcd_jax import config_checks, experiment, predict
+from fcd_jax import compilation_cache, config_checks, experiment, predict
 from fcd_jax.errors import FcdError
 from fcd_jax.log_filter import quiet_library_logs
 from fcd_jax.workdir import locked, with_recorded_teacher
@@ -42,6 +42,7 @@ flags.DEFINE_bool(
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (default: autodetect).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (default: autodetect).")
 flags.DEFINE_integer("process_id", None, "This process's index (default: autodetect).")
+compilation_cache.define_flag()
 FLAGS = flags.FLAGS
 
 
@@ -150,6 +151,7 @@ def main(argv: list[str]) -> None:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
     quiet_library_logs()
     jax.config.update("jax_threefry_partitionable", True)
+    compilation_cache.enable(FLAGS.compilation_cache)
     if FLAGS.distributed:
         jax.distributed.initialize(
             coordinator_address=FLAGS.coordinator_address,

@@ -63,6 +63,19 @@ def _compiled_step_memory(
     )
 
 
+def stacked_step_bytes(
+    config: ml_collections.ConfigDict, splits_per_device: int, batch_per_device: int | None = None
+) -> int:
+    """Device memory of the stacked train step with ``splits_per_device`` splits on each device:
+    linear in the splits, fitted to XLA's analysis of one and two (:func:`step_memory_bytes`),
+    so any stack size costs at most those two compiles, shared by every question asked."""
+    one = step_memory_bytes(config, 1, batch_per_device)
+    if splits_per_device <= 1:
+        return one
+    per_split = max(step_memory_bytes(config, 2, batch_per_device) - one, 1)
+    return one + (splits_per_device - 1) * per_split
+
+
 def device_memory_bytes() -> int:
     """Memory of one device: the allocator's limit on GPU/TPU, half the host RAM on CPU."""
     stats = jax.local_devices()[0].memory_stats() or {}
@@ -85,7 +98,7 @@ def group_size_for(config: ml_collections.ConfigDict, num_splits: int) -> int:
 def auto_parallel_splits(config: ml_collections.ConfigDict, num_splits: int) -> int:
     """The largest group of splits whose train step fits the device memory (90% of it).
 
-    Memory grows linearly in the splits per device: compile for one and two, extrapolate.
+    Memory grows linearly in the splits per device (:func:`stacked_step_bytes`).
     """
     num_devices = jax.device_count()
     split_axis, data_axis = (
@@ -94,9 +107,8 @@ def auto_parallel_splits(config: ml_collections.ConfigDict, num_splits: int) -> 
         )
     )
     batch_per_device = max(config.data.batch_size // data_axis, 1)
-    one = step_memory_bytes(config, 1, batch_per_device)
-    two = step_memory_bytes(config, 2, batch_per_device)
-    per_split = max(two - one, 1)
+    one = stacked_step_bytes(config, 1, batch_per_device)
+    per_split = stacked_step_bytes(config, 2, batch_per_device) - one
     fits_per_device = int((0.9 * device_memory_bytes() - (one - per_split)) // per_split)
     if fits_per_device < 1:
         raise FcdError(

@@ -77,7 +77,8 @@ def use_teacher_cache(
 ) -> bool:
     """``train.teacher_cache``: "on", "off", or "auto" = when the group sees its training
     images more than once (``images_seen`` per split > ``largest_set``) and the train step (XLA's
-    memory analysis, as for ``parallel_splits="auto"``) and the cache together fit 90% of a
+    memory analysis, ``sizing.stacked_step_bytes`` as for ``parallel_splits="auto"``) and the
+    cache together fit 90% of a
     device's memory. Every process takes process 0's decision, so all run the same program."""
     setting = str(config.train.teacher_cache)
     if setting not in SETTINGS:
@@ -85,7 +86,7 @@ def use_teacher_cache(
     use = setting == "on"
     if setting == "auto":
         if images_seen > largest_set:
-            step = sizing.step_memory_bytes(
+            step = sizing.stacked_step_bytes(
                 config, num_stacked // mesh.shape[parallel.SPLIT],
                 config.data.batch_size // mesh.shape[parallel.DATA],
             )

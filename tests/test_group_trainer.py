@@ -94,7 +94,7 @@ def test_teacher_cache_trains_exactly_as_the_teacher_forward(three, tmp_path):
 
 def test_teacher_cache_auto_needs_room_and_a_second_pass(config, splits, tmp_path, monkeypatch):
     with trainer_for(config, splits, tmp_path / "measure") as trainer:
-        needed = sizing.step_memory_bytes(config, 2, 8) + trainer.teacher_cache_bytes()
+        needed = sizing.stacked_step_bytes(config, 2, 8) + trainer.teacher_cache_bytes()
     # Per split 30 images in whole batches of 8: 32, each [4 blocks read, 17 tokens, width 32].
     assert trainer.teacher_cache_bytes() == 2 * 32 * 4 * 17 * 32 * 4
     for device_bytes, cached in ((needed / 0.9 - 100, False), (needed / 0.9 + 100, True)):

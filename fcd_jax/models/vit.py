@@ -31,6 +31,7 @@ faster step) with the very same parameters and numbers. ``remat=True`` remateria
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -241,8 +242,15 @@ def build_vit(model_config: Any, depth: int | None = None) -> ViT:
 
 def init_params(model: nn.Module, image_size: int, key: jax.Array) -> dict:
     """Random parameters of ``model`` for ``image_size`` x ``image_size`` RGB input (jitted)."""
-    images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    return jax.jit(model.init)(key, images)["params"]
+    return _jitted_init(model, image_size)(key)
+
+
+@functools.cache
+def _jitted_init(model: nn.Module, image_size: int):
+    """One compiled init per (model, size) in a process: a fresh ``jax.jit(model.init)`` at
+    every call compiled it again (2.5 s of a small job's wall time)."""
+    shape = (1, image_size, image_size, 3)
+    return jax.jit(lambda key: model.init(key, jnp.zeros(shape, jnp.float32))["params"])
 
 
 def truncate_params(params: dict, depth: int) -> dict:
