@@ -259,8 +259,10 @@ def test_predict_then_eval_agree_with_training(env, data_root, trained, tmp_path
     process = run_main(
         env, data_root, trained, "--mode=predict", f"--config.predict.inputs={inputs}",
         f"--config.predict.output_dir={output_dir}", f"--config.splits={name}",
+        f"--compilation_cache={tmp_path / 'xla'}",
     )
     assert_ok(process)
+    assert any((tmp_path / "xla").iterdir())  # the programs it compiled, for the next process
     summary = json.loads(process.stdout.splitlines()[-1])
     assert summary["images"] == run["n_test"] and summary["random_teacher"] is True
     assert "the teacher is RANDOM" in process.stderr
@@ -382,3 +384,23 @@ def test_comma_separated_datasets_run_in_turn_in_their_own_workdirs(monkeypatch,
         ("cifar10", str(tmp_path / "cifar10")), ("fashion_mnist", str(tmp_path / "fashion_mnist"))
     ]
     assert config.data.name == "cifar10, fashion_mnist"  # the caller's config is left alone
+
+
+def test_compilation_cache_flag_points_jax_at_the_folder(tmp_path):
+    import jax
+
+    from fcd_jax import compilation_cache
+
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        compilation_cache.enable("")
+        assert jax.config.jax_compilation_cache_dir is None
+        compilation_cache.enable(str(tmp_path / "xla"))
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+        assert (tmp_path / "xla").is_dir()
+        (tmp_path / "file").write_text("")
+        compilation_cache.enable(str(tmp_path / "file" / "xla"))  # cannot be made: warns only
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
