@@ -11,12 +11,17 @@ manager: leaving it closes the writers and the manager.
 
 The orbax checkpoint of global step ``g`` holds the stack that stepped ``g - 1``; the plan is
 recomputed from the config, so a run killed at any step resumes with the same numbers.
+
+The step of every later stack size is compiled in a background thread while the current
+segment trains (XLA compiles without Python's lock), so a re-stack waits for no compiler:
+the same program, compiled ahead of its first call.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -83,6 +88,8 @@ class GroupTrainer:
             bytes_per_device=self.teacher_cache_bytes(),
         )
         self.step_fn = stacked_train_step(config, networks, self.mesh, self.cached_teacher)
+        self.compiler = ThreadPoolExecutor(1, thread_name_prefix="compile-later-stacks")
+        self.compiled: dict[int, Future] = {}  # stack size -> its step, compiled ahead
         self.checkpoints = checkpoints.training_manager(
             workdir.checkpoint_dir(directory, [split.name for split in splits])
         )
@@ -104,6 +111,7 @@ class GroupTrainer:
 
     def close(self) -> None:
         """Waits for pending checkpoint saves, then closes the manager and the writers."""
+        self.compiler.shutdown(cancel_futures=True)
         self.checkpoints.wait_until_finished()
         self.checkpoints.close()
         for writer in self.writers.values():
@@ -238,10 +246,13 @@ class GroupTrainer:
         active = np.asarray(segment.slots) != IDLE
         images_per_step = int(active.sum()) * config.data.batch_size
         teacher = self.cache if self.cached_teacher else self.teacher_params
+        step_fn = self.segment_step(segment.size)
         tick, tick_step = time.perf_counter(), start
         steps = range(start, segment.stop)
         for step, batch in zip(steps, self.global_batches(segment, start), strict=True):
-            self.states, metrics = self.step_fn(self.states, teacher, batch)
+            self.states, metrics = step_fn(self.states, teacher, batch)
+            if step == start:
+                self.compile_later_stacks(segment, teacher, batch)
             done = step + 1
             save = done % config.train.checkpoint_every == 0 or done == last
             if save or done % config.train.log_every == 0:
@@ -256,6 +267,25 @@ class GroupTrainer:
                 self.log_metrics(segment, metrics, done)
             if save:
                 self.checkpoints.save(done, args=ocp.args.StandardSave(self.states))
+
+    def segment_step(self, size: int) -> Callable:
+        """The step of a stack of ``size``: compiled ahead (waited for) or the jitted step."""
+        future = self.compiled.get(size)
+        return self.step_fn if future is None else future.result()
+
+    def compile_later_stacks(self, segment: schedule.Segment, teacher: Any, batch: Any) -> None:
+        """Starts compiling the step of each stack size that a later segment runs, for the
+        shapes and shardings of this segment's arguments at that size."""
+        later = {other.size for other in self.plan.segments if other.start >= segment.stop}
+        for size in sorted(later - {segment.size} - set(self.compiled), reverse=True):
+            def at_size(tree, size=size):
+                return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(
+                    (size, *leaf.shape[1:]), leaf.dtype, sharding=leaf.sharding), tree)
+
+            arguments = (self.abstract_stack(size),
+                         at_size(teacher) if self.cached_teacher else teacher, at_size(batch))
+            self.compiled[size] = self.compiler.submit(
+                lambda arguments=arguments: self.step_fn.lower(*arguments).compile())
 
     def log_metrics(self, segment: schedule.Segment, metrics: dict, step: int) -> None:
         """TensorBoard scalars ``train/<metric>`` of the splits that trained (process 0), at

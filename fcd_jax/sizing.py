@@ -9,6 +9,7 @@ fits beside it (``fcd_jax.teacher_cache``).
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -69,11 +70,12 @@ def stacked_step_bytes(
     """Device memory of the stacked train step with ``splits_per_device`` splits on each device:
     linear in the splits, fitted to XLA's analysis of one and two (:func:`step_memory_bytes`),
     so any stack size costs at most those two compiles, shared by every question asked."""
-    one = step_memory_bytes(config, 1, batch_per_device)
     if splits_per_device <= 1:
-        return one
-    per_split = max(step_memory_bytes(config, 2, batch_per_device) - one, 1)
-    return one + (splits_per_device - 1) * per_split
+        return step_memory_bytes(config, 1, batch_per_device)
+    with ThreadPoolExecutor(2) as pool:  # both at once: XLA compiles without Python's lock
+        one, two = pool.map(
+            lambda splits: step_memory_bytes(config, splits, batch_per_device), (1, 2))
+    return one + (splits_per_device - 1) * max(two - one, 1)
 
 
 def device_memory_bytes() -> int:
@@ -107,8 +109,9 @@ def auto_parallel_splits(config: ml_collections.ConfigDict, num_splits: int) -> 
         )
     )
     batch_per_device = max(config.data.batch_size // data_axis, 1)
+    two = stacked_step_bytes(config, 2, batch_per_device)
     one = stacked_step_bytes(config, 1, batch_per_device)
-    per_split = stacked_step_bytes(config, 2, batch_per_device) - one
+    per_split = two - one
     fits_per_device = int((0.9 * device_memory_bytes() - (one - per_split)) // per_split)
     if fits_per_device < 1:
         raise FcdError(
