@@ -40,7 +40,21 @@ MVTEC_TRAIN_SIZES = {
 }  # fmt: skip
 CIFAR_LIKE_SPLITS = 10
 PROTOCOLS = ("mvtec_like", "cifar_like")
+# Per protocol: the paper config whose epochs it trains, and the default scale and test images.
+DEFAULTS = {
+    "mvtec_like": dict(config="mvtec", scale=0.05, num_test=16),
+    "cifar_like": dict(config="cifar10", scale=0.02, num_test=200),
+}
 MIN_TRAIN = 8  # training images of a split at least: one held out at holdout_fraction 0.1
+
+
+def paper_epochs(name: str) -> int:
+    """The epochs of protocol ``name``'s paper config (``configs/mvtec.py``: 100,
+    ``configs/cifar10.py``: 20)."""
+    import importlib
+
+    return int(importlib.import_module(f"configs.{DEFAULTS[name]['config']}").get_config()
+               .train.epochs)
 
 
 def protocol_sizes(name: str, scale: float, num_splits: int = 0) -> dict[str, int]:
@@ -221,6 +235,29 @@ def fcd_jax_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, An
     seconds = time.perf_counter() - start
     return dict(seconds=seconds,
                 image_auroc={run["name"]: run["image_auroc"] for run in result["runs"]})
+
+
+def fcd_jax_job_process(config: ml_collections.ConfigDict, workdir: str,
+                        compilation_cache: str) -> dict[str, Any]:
+    """:func:`fcd_jax_job` in a fresh ``spawn``-ed process whose JAX reads (and writes) the
+    persistent compilation cache ``compilation_cache``: a later job of the same sizes, as
+    ``fcd_jax.main`` runs it (``--compilation_cache``)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context) as pool:
+        return pool.submit(_fcd_jax_job_child, config.to_json(), workdir,
+                           compilation_cache).result()
+
+
+def _fcd_jax_job_child(config_json: str, workdir: str, compilation_cache: str) -> dict[str, Any]:
+    import json
+
+    from fcd_jax import compilation_cache as cache
+
+    cache.enable(compilation_cache)
+    return fcd_jax_job(ml_collections.ConfigDict(json.loads(config_json)), workdir)
 
 
 def scratch_dir() -> str:

@@ -16,6 +16,7 @@ import os
 
 import jax
 from absl import flags, logging
+from jax.experimental.compilation_cache import compilation_cache
 
 DEFAULT_DIR = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
     "~", ".cache", "fcd_jax", "xla")
@@ -42,3 +43,4 @@ def enable(directory: str) -> None:
         logging.warning("compilation cache off: cannot make %s (%s)", directory, error.strerror)
         return
     jax.config.update("jax_compilation_cache_dir", directory)
+    compilation_cache.reset_cache()  # JAX decides once whether to use it: decide again

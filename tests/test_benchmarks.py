@@ -241,6 +241,8 @@ def test_protocol_runs_the_whole_job_on_a_tiny_config(protocol, capsys):
     np.testing.assert_allclose(losses["jax"], losses["torch"], rtol=1e-5)
     assert result["torch_loop"]["split_steps"] == 2 * 3  # 7 images after the holdout, batch 2
     assert result["fcd_jax_cold"]["image_auroc"] == result["fcd_jax_warm"]["image_auroc"]
+    # a new process reading the compilation cache the cold run wrote: the same numbers
+    assert result["fcd_jax_cached"]["image_auroc"] == result["fcd_jax_cold"]["image_auroc"]
     assert list(result["fcd_jax_cold"]["image_auroc"]) == list(result["torch_loop"]["image_auroc"])
     assert result["idle_split_steps"] == 0.0  # equal sizes in one group
     assert result["evaluation"]["group_s"] > 0 and result["evaluation"]["split_by_split_s"] > 0
@@ -250,6 +252,16 @@ def test_protocol_runs_the_whole_job_on_a_tiny_config(protocol, capsys):
         r"step speedup vs torch eager \d+\.\d\d",
         last_line,
     ), last_line
+
+
+def test_protocol_defaults_train_the_paper_configs_epochs():
+    from configs import mvtec
+
+    mvtec_like = bench.parse_args(["--protocol=mvtec_like"])
+    cifar_like = bench.parse_args(["--protocol=cifar_like", "--epochs=3"])
+    assert mvtec_like.epochs == mvtec.get_config().train.epochs == 100
+    assert (cifar_like.epochs, cifar_like.scale, cifar_like.num_test) == (3, 0.02, 200)
+    assert bench.parse_args([]).scale is None  # the step benchmark has no protocol sizes
 
 
 def test_idle_split_steps_is_the_production_plans():
