@@ -43,7 +43,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
-from fcd_jax import compilation_cache, evaluate, parallel, teacher_cache  # noqa: E402
+from fcd_jax import evaluate, parallel, teacher_cache  # noqa: E402
 from fcd_jax.datasets.split import ArraySource  # noqa: E402
 from fcd_jax.models import init_params  # noqa: E402
 from fcd_jax.models.vit import parse_variant  # noqa: E402
@@ -671,9 +671,10 @@ def idle_split_steps(config: ml_collections.ConfigDict, train_sizes: Sequence[in
 def run_protocol(args: argparse.Namespace) -> dict[str, Any]:
     """``--protocol``: the whole job, fcd-jax's ``train_and_evaluate`` against the PyTorch loop
     of the anchors (``benchmarks/protocol.py``), on one generated dataset; the losses and scores
-    of both are checked to agree first. fcd-jax runs twice in this process: cold (compiling its
-    programs) and warm (the compiled programs kept, as in a job whose compile time is
-    amortised); the speedup of the last line is the cold one."""
+    of both are checked to agree first. fcd-jax runs in new processes (``protocol.
+    fcd_jax_jobs_process``): cold (compiling every program, an empty compilation cache), warm
+    (the same job again in that process), cached (a new process reading the cache the cold job
+    wrote); the speedup of the last line is the cold one."""
     import torch
 
     from benchmarks import protocol
@@ -732,14 +733,16 @@ def run_protocol(args: argparse.Namespace) -> dict[str, Any]:
         )
         print(f"torch loop ({args.workers} DataLoader workers, eager): "
               f"{torch_run['seconds']:.1f} s, {torch_run['split_steps']} split-steps")
-        # Cold: an empty persistent compilation cache (as fcd_jax.main's first job), filled by
-        # this run; the programs compiled above for the checks were not written to it.
-        compilation_cache.enable(str(scratch / "xla"))
-        cold = protocol.fcd_jax_job(config, str(scratch / "cold"))
-        print(f"fcd-jax train_and_evaluate, cold (compiling): {cold['seconds']:.1f} s")
-        warm = protocol.fcd_jax_job(config, str(scratch / "warm"))
+        # Cold: a new process and an empty persistent compilation cache (fcd_jax.main's first
+        # job), then warm: the same job again in that process; cached: a new process reading
+        # the cache the cold job wrote.
+        cache = str(scratch / "xla")
+        cold, warm = protocol.fcd_jax_jobs_process(
+            config, [str(scratch / "cold"), str(scratch / "warm")], cache)
+        print(f"fcd-jax train_and_evaluate, cold (new process, compiling): "
+              f"{cold['seconds']:.1f} s")
         print(f"fcd-jax train_and_evaluate, warm (programs compiled): {warm['seconds']:.1f} s")
-        cached = protocol.fcd_jax_job_process(config, str(scratch / "cached"), str(scratch / "xla"))
+        (cached,) = protocol.fcd_jax_jobs_process(config, [str(scratch / "cached")], cache)
         print(f"fcd-jax train_and_evaluate, a new process reading the compilation cache: "
               f"{cached['seconds']:.1f} s")
         for run in (warm, cached):

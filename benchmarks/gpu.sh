@@ -7,7 +7,8 @@
 #
 # Usage, from anywhere:   bash benchmarks/gpu.sh [OUT_DIR]      (default OUT_DIR: bench_gpu)
 # Environment: PYTHON (default python3), WHEEL_DIR (default .whl: jax[cuda] wheels to install
-# offline if JAX sees no GPU), STEPS (timed rounds, default 20), BATCHES (default "32 128").
+# offline if JAX sees no GPU), STEPS (timed rounds, default 20), BATCHES (default "32 128"),
+# SPLITS (splits of the stacked programs timed at the first batch size, default 4).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -37,11 +38,15 @@ fi
 "$PYTHON" -c "import jax; print('jax', jax.__version__, jax.default_backend(), jax.devices())"
 has_gpu || { echo "ERROR: JAX still sees no GPU; stopping"; exit 1; }
 
+SPLITS=${SPLITS:-4}
 for batch in $BATCHES; do
-  echo "== ViT-B/16, batch $batch, bfloat16"
+  # The production programs: the stacked step of one split and of $SPLITS at once, the group
+  # score step of $SPLITS students on a shared test batch (first batch size only: time).
+  splits=1; [ "$batch" = "${BATCHES%% *}" ] && splits=$SPLITS
+  echo "== ViT-B/16, batch $batch, bfloat16, splits $splits"
   "$PYTHON" -m benchmarks.bench --variant=B/16 --image_size=224 --dtype=bfloat16 \
     --batch="$batch" --score_batch="$batch" --steps="$STEPS" --score_steps="$STEPS" --warmup=2 \
-    --impls=jax --reference=jax_cpu_f32 --peak_size=8192 --no_huge_pages \
+    --impls=jax --reference=jax_cpu_f32 --peak_size=8192 --no_huge_pages --splits="$splits" \
     --json="$OUT_DIR/vit_b16_bf16_batch$batch.json"
 done
 "$PYTHON" -m benchmarks.deploy_latency --variants=S/16,B/16 --json="$OUT_DIR/deploy_latency_gpu.json"

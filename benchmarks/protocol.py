@@ -237,27 +237,32 @@ def fcd_jax_job(config: ml_collections.ConfigDict, workdir: str) -> dict[str, An
                 image_auroc={run["name"]: run["image_auroc"] for run in result["runs"]})
 
 
-def fcd_jax_job_process(config: ml_collections.ConfigDict, workdir: str,
-                        compilation_cache: str) -> dict[str, Any]:
-    """:func:`fcd_jax_job` in a fresh ``spawn``-ed process whose JAX reads (and writes) the
-    persistent compilation cache ``compilation_cache``: a later job of the same sizes, as
-    ``fcd_jax.main`` runs it (``--compilation_cache``)."""
+def fcd_jax_jobs_process(config: ml_collections.ConfigDict, workdirs: list[str],
+                         compilation_cache: str) -> list[dict[str, Any]]:
+    """:func:`fcd_jax_job` into each of ``workdirs`` in turn, in one fresh ``spawn``-ed process
+    (nothing compiled yet) whose JAX reads and writes the persistent compilation cache
+    ``compilation_cache``, as ``fcd_jax.main`` runs (``--compilation_cache``): the first job
+    of an empty cache is a user's first job; a second job in the process finds every program
+    compiled; the first job of a process over a filled cache is a later job of the same
+    sizes."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(1, mp_context=context) as pool:
-        return pool.submit(_fcd_jax_job_child, config.to_json(), workdir,
+        return pool.submit(_fcd_jax_jobs_child, config.to_json(), workdirs,
                            compilation_cache).result()
 
 
-def _fcd_jax_job_child(config_json: str, workdir: str, compilation_cache: str) -> dict[str, Any]:
+def _fcd_jax_jobs_child(config_json: str, workdirs: list[str],
+                        compilation_cache: str) -> list[dict[str, Any]]:
     import json
 
     from fcd_jax import compilation_cache as cache
 
     cache.enable(compilation_cache)
-    return fcd_jax_job(ml_collections.ConfigDict(json.loads(config_json)), workdir)
+    config = ml_collections.ConfigDict(json.loads(config_json))
+    return [fcd_jax_job(config, workdir) for workdir in workdirs]
 
 
 def scratch_dir() -> str:

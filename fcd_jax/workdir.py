@@ -50,7 +50,8 @@ SCORES_NPZ = "scores.npz"
 # settings (same numbers), logging, and what happens after training (scoring, predict).
 NOT_TRAINING = (
     "splits", "data.data_dir", "data.download", "data.eval_batch_size", "model.scan_layers",
-    "model.remat", "model.attention_implementation", "teacher.cache_dir", "method.top_k",
+    "model.remat", "model.remat_policy", "model.attention_implementation", "teacher.cache_dir",
+    "method.top_k",
     "method.image_score", "method.map_sigma", "train.log_every", "train.checkpoint_every",
     "train.teacher_cache", "eval", "predict", "mesh_shape", "parallel_splits", "per_dataset",
     "data.skip_bad_images",

@@ -85,6 +85,7 @@ BAD_VALUES = [  # (overrides, *what the message says)
     ({"mesh_shape": (0, 1)}, "mesh_shape=(0, 1) is not two positive integers",),
     ({"mesh_shape": (2, 2)}, "does not use the 1 devices",),
     ({"model.attention_implementation": "flash"}, "attention_implementation='flash' is unknown",),
+    ({"model.remat_policy": "all"}, "remat_policy='all' is unknown",),
     ({"model.num_heads": 3}, "config.model.num_heads=3 does not divide the width 32",),
     ({"model.depth": -1}, "config.model.depth=-1 must be an integer >= 0",),
     ({"model.layernorm_eps": -1e-6}, "config.model.layernorm_eps=-1e-06 must be a number >= 0",),

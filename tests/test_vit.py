@@ -110,12 +110,31 @@ def test_first_tokens_are_patch_embedding_plus_position(tiny):
     np.testing.assert_allclose(out[1], expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("option", [dict(scan_layers=False), dict(remat=True)])
+@pytest.mark.parametrize("option", [dict(scan_layers=False), dict(remat=True),
+                                    dict(remat=True, remat_policy="dots")])
 def test_scan_and_remat_options_give_identical_numbers(tiny, option):
     params, images, outputs = tiny
     other = apply(build_vit(dict(TINY, **option)), params, images)
     for key in ("blocks", "encoded"):
         np.testing.assert_allclose(other[key], outputs[key], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["nothing", "dots"])
+def test_remat_gives_the_same_gradients(tiny, policy):
+    """What the backward pass recomputes instead of keeping changes no gradient (to float32
+    rounding of each leaf's scale: the recomputed forward is fused differently)."""
+    params, images, _ = tiny
+
+    def gradients(model):
+        def loss(params):
+            out = model.apply({"params": params}, images)
+            return jnp.sum(out["blocks"] ** 2) + jnp.sum(out["encoded"])
+        return jax.grad(loss)(params)
+
+    plain = gradients(build_vit(TINY))
+    rematerialised = gradients(build_vit(dict(TINY, remat=True, remat_policy=policy)))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=0, atol=1e-5 * np.abs(b).max()), rematerialised, plain)
 
 
 def test_truncated_params_give_the_same_first_blocks(tiny):

@@ -26,7 +26,9 @@ code does (e.g. DINOv2's 37x37 grid, bicubically), rather than on every forward 
 
 The encoder blocks' parameters are always stacked on a leading ``depth`` axis (``params["blocks"]``)
 and run with ``nn.scan``; ``scan_layers=False`` fully unrolls that scan (slower compile, sometimes a
-faster step) with the very same parameters and numbers. ``remat=True`` rematerialises each block.
+faster step) with the very same parameters and numbers. ``remat=True`` rematerialises each block:
+``remat_policy`` "nothing" keeps nothing of it for the backward, "dots" keeps its matmul outputs
+(``REMAT_POLICIES``).
 """
 
 from __future__ import annotations
@@ -106,6 +108,13 @@ def drop_registers(tokens: jax.Array, num_registers: int) -> jax.Array:
     return jnp.concatenate([tokens[..., :1, :], tokens[..., 1 + num_registers:, :]], axis=-2)
 
 
+# What a rematerialised block keeps for the backward pass (``model.remat_policy``).
+REMAT_POLICIES = {
+    "nothing": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 class EncoderBlock(nn.Module):
     """Pre-LayerNorm transformer block; ``(carry, _) -> (carry, output)`` so it can be scanned.
     The carry holds every token; the output drops the ``num_registers`` register tokens."""
@@ -150,6 +159,7 @@ class ViT(nn.Module):
     dtype: Any = jnp.float32
     scan_layers: bool = True
     remat: bool = False
+    remat_policy: str = "nothing"
     attention_implementation: str | None = None
     layer_scale: bool = False
     num_registers: int = 0
@@ -194,7 +204,7 @@ class ViT(nn.Module):
 
         block = EncoderBlock
         if self.remat:
-            block = nn.remat(block, prevent_cse=False)
+            block = nn.remat(block, prevent_cse=False, policy=REMAT_POLICIES[self.remat_policy])
         blocks = nn.scan(
             block,
             variable_axes={"params": 0},
@@ -234,6 +244,7 @@ def build_vit(model_config: Any, depth: int | None = None) -> ViT:
         dtype=dtype,
         scan_layers=bool(get("scan_layers", True)),
         remat=bool(get("remat")),
+        remat_policy=str(get("remat_policy") or "nothing"),
         attention_implementation=get("attention_implementation") or None,
         layer_scale=bool(get("layer_scale")),
         num_registers=int(get("num_registers") or 0),
