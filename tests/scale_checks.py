@@ -214,6 +214,7 @@ def check_group_vs_sequential(config, workdir: Path) -> dict:
         "plan_sizes": list(group.plan.sizes),
         "alone_steps": alone_steps,
         "group_step_compilations": group.step_fn._cache_size(),
+        "group_compiled_ahead": sorted(group.compiled),
         "alone_step_compilations": [trainer.step_fn._cache_size() for trainer, *_ in sequential],
         "alone_shares_one_step": len({id(trainer.step_fn) for trainer, *_ in sequential}) == 1,
         "alone_lowerings": [lowerings for *_, lowerings in sequential],

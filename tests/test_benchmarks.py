@@ -277,3 +277,23 @@ def test_idle_split_steps_is_the_production_plans():
     assert idle == schedule.idle_fraction(schedule.plan_for(config, [8, 16, 40], 2))
     assert schedule.fixed_groups_idle_fraction([2, 4, 10], 2, 1) == pytest.approx(1 - 16 / 28)
     assert idle < 1 - 16 / 28
+
+
+def test_job_in_tree_writes_the_protocol_and_fills_an_older_config(tmp_path, capsys):
+    """``benchmarks/job_in_tree.py``: the protocol's data and config for a run from another
+    tree; recorded fields that tree's config lacks are named and left out."""
+    import json
+
+    from benchmarks import job_in_tree, protocol
+    from configs import default
+
+    job_in_tree.write("mvtec_like", tmp_path)
+    recorded = json.loads((tmp_path / "config.json").read_text())
+    assert recorded["train"]["epochs"] == protocol.paper_epochs("mvtec_like")
+    assert len(list((tmp_path / "data").iterdir())) == len(protocol.MVTEC_TRAIN_SIZES)
+    older = default.get_config()
+    with older.unlocked():
+        del older.model["remat_policy"]
+    job_in_tree.merged(older, recorded)
+    assert older.data.root == str(tmp_path / "data") and "remat_policy" not in older.model
+    assert "not in this tree's config: model.remat_policy" in capsys.readouterr().err
