@@ -151,17 +151,23 @@ class ImageFiles(_torch_dataset_base()):
             return torch.from_numpy(np.asarray(image.convert("RGB"), np.uint8).copy())
 
 
-def torch_loop_process(config: ml_collections.ConfigDict, root: Path, teacher_params: dict,
-                       student_params: dict, workers: int, threads: int) -> dict[str, Any]:
-    """:func:`torch_loop` in a fresh ``spawn``-ed process that never starts JAX, as the anchors
-    run (their DataLoader forks its workers, unsafe in a process where JAX's threads run)."""
+def in_fresh_process(function, *args) -> Any:
+    """``function(*args)`` in a fresh ``spawn``-ed process (nothing imported, compiled or
+    started there yet), its result returned. Not daemonic: the function may fork workers."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(1, mp_context=context) as pool:  # not daemonic: workers may fork
-        return pool.submit(_torch_loop_child, config.to_json(), str(root), teacher_params,
-                           student_params, workers, threads).result()
+    with ProcessPoolExecutor(1, mp_context=context) as pool:
+        return pool.submit(function, *args).result()
+
+
+def torch_loop_process(config: ml_collections.ConfigDict, root: Path, teacher_params: dict,
+                       student_params: dict, workers: int, threads: int) -> dict[str, Any]:
+    """:func:`torch_loop` in a fresh process that never starts JAX, as the anchors run (their
+    DataLoader forks its workers, unsafe in a process where JAX's threads run)."""
+    return in_fresh_process(_torch_loop_child, config.to_json(), str(root), teacher_params,
+                            student_params, workers, threads)
 
 
 def _torch_loop_child(config_json: str, root: str, teacher_params: dict, student_params: dict,
@@ -245,13 +251,7 @@ def fcd_jax_jobs_process(config: ml_collections.ConfigDict, workdirs: list[str],
     of an empty cache is a user's first job; a second job in the process finds every program
     compiled; the first job of a process over a filled cache is a later job of the same
     sizes."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(1, mp_context=context) as pool:
-        return pool.submit(_fcd_jax_jobs_child, config.to_json(), workdirs,
-                           compilation_cache).result()
+    return in_fresh_process(_fcd_jax_jobs_child, config.to_json(), workdirs, compilation_cache)
 
 
 def _fcd_jax_jobs_child(config_json: str, workdirs: list[str],

@@ -13,6 +13,7 @@ colour image; the ground-truth mask's outline is drawn in white.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -48,10 +49,13 @@ def displayable(image: ArrayLike) -> np.ndarray:
     return image[..., :3]
 
 
-def panel_size(height: int, width: int, longer: int = PANEL) -> tuple[int, int]:
-    """(height, width) of a panel showing an image of this size, its longer side ``longer``."""
-    scale = longer / max(height, width)
-    return max(1, round(height * scale)), max(1, round(width * scale))
+def panel(image: ArrayLike, longer: int = PANEL) -> np.ndarray:
+    """``image`` (any :func:`displayable` form) as a uint8 RGB panel, its longer side ``longer``
+    pixels (bilinear)."""
+    image = displayable(image)
+    scale = longer / max(image.shape[:2])
+    size = max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale))
+    return resized(image, size, smooth=True)
 
 
 def resized(array: np.ndarray, size: tuple[int, int], smooth: bool) -> np.ndarray:
@@ -65,9 +69,15 @@ def resized(array: np.ndarray, size: tuple[int, int], smooth: bool) -> np.ndarra
     return np.asarray(picture.resize((size[1], size[0]), resample))
 
 
+@functools.cache
+def _colour_table() -> np.ndarray:
+    """The ``jet`` colormap as 256 uint8 RGB rows."""
+    return (colormaps[CMAP](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
+
+
 def colorize(values: np.ndarray, low: float, high: float) -> np.ndarray:
     """uint8 RGB of ``values`` on the ``jet`` colormap, ``low`` to ``high``."""
-    table = (colormaps[CMAP](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
+    table = _colour_table()
     scaled = (np.asarray(values, np.float64) - low) / max(high - low, 1e-12)
     return table[np.clip(np.round(scaled * 255), 0, 255).astype(np.int64)]
 

@@ -31,6 +31,7 @@ from fcd_jax.losses import gram_pairs
 from fcd_jax.models import (
     build_vit,
     init_params,
+    init_variables,
     is_cnn_model,
     resnet,
     truncate_params,
@@ -214,8 +215,7 @@ def init_model(model: nn.Module, image_size: int, key: jax.Array) -> dict:
     CNN's Flax variables (``params`` and any ``batch_stats``)."""
     if not is_cnn_model(model):
         return init_params(model, image_size, key)
-    images = jax.numpy.zeros((1, image_size, image_size, 3), jax.numpy.float32)
-    return jax.jit(model.init)(key, images)
+    return init_variables(model, image_size, key)
 
 
 def build_cnns(model_config: Any) -> tuple[nn.Module, nn.Module]:

@@ -325,8 +325,7 @@ def plot_heatmap_grid(
     low, high = heatmaps.map_range(maps)
     rows = []
     for index, image in enumerate(images):
-        picture = heatmaps.displayable(image)
-        picture = heatmaps.resized(picture, heatmaps.panel_size(*picture.shape[:2]), smooth=True)
+        picture = heatmaps.panel(image)
         mask = None if masks is None else np.asarray(masks[index], np.float32)
         verdict = ""
         if threshold is not None:
@@ -386,9 +385,7 @@ def write_predictions(
         heatmap_name = ""
         if maps is not None and images is not None:
             heatmap_name = names[index]
-            picture = heatmaps.displayable(images[index])
-            picture = heatmaps.resized(picture, heatmaps.panel_size(*picture.shape[:2], 256),
-                                       smooth=True)
+            picture = heatmaps.panel(images[index], longer=256)
             body = heatmaps.stack([
                 heatmaps.titled(picture, [shown(Path(image_path).name)]),
                 heatmaps.titled(heatmaps.overlay(picture, maps[index], low, high),

@@ -109,8 +109,8 @@ def auto_parallel_splits(config: ml_collections.ConfigDict, num_splits: int) -> 
         )
     )
     batch_per_device = max(config.data.batch_size // data_axis, 1)
-    two = stacked_step_bytes(config, 2, batch_per_device)
-    one = stacked_step_bytes(config, 1, batch_per_device)
+    two = stacked_step_bytes(config, 2, batch_per_device)  # compiles the probes at once
+    one = stacked_step_bytes(config, 1, batch_per_device)  # measured by then
     per_split = two - one
     fits_per_device = int((0.9 * device_memory_bytes() - (one - per_split)) // per_split)
     if fits_per_device < 1:

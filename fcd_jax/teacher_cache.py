@@ -78,8 +78,8 @@ def use_teacher_cache(
     """``train.teacher_cache``: "on", "off", or "auto" = when the group sees its training
     images more than once (``images_seen`` per split > ``largest_set``) and the train step (XLA's
     memory analysis, ``sizing.stacked_step_bytes`` as for ``parallel_splits="auto"``) and the
-    cache together fit 90% of a
-    device's memory. Every process takes process 0's decision, so all run the same program."""
+    cache together fit 90% of a device's memory. Every process takes process 0's decision, so
+    all run the same program."""
     setting = str(config.train.teacher_cache)
     if setting not in SETTINGS:
         raise FcdError(f"train.teacher_cache={setting!r}: use 'auto', 'on' or 'off'")

@@ -29,13 +29,16 @@ def test_pos_embedding_arms_and_a_plain_config_is_one_line():
         ablation.arm_configs(plain)
 
 
+def arm_result(aurocs, teacher_is_random=False):
+    """An arm's ``train_and_evaluate`` result with these image AUROCs per run."""
+    return dict(teacher_is_random=teacher_is_random, runs=[
+        dict(name=name, image_auroc=value, f1=0.5, pixel_auroc=None, pro=None)
+        for name, value in aurocs.items()])
+
+
 def test_comparison_has_arms_as_columns_runs_as_rows_and_means():
-    def result(aurocs):
-        return dict(teacher_is_random=False, runs=[
-            dict(name=name, image_auroc=value, f1=0.5, pixel_auroc=None, pro=None)
-            for name, value in aurocs.items()])
-    table = ablation.comparison({"a": result({"x": 0.8, "y": 0.6}),
-                                 "b": result({"x": 0.9, "y": 0.7})}, "paper says")
+    table = ablation.comparison({"a": arm_result({"x": 0.8, "y": 0.6}),
+                                 "b": arm_result({"x": 0.9, "y": 0.7})}, "paper says")
     assert table["metrics"]["image_auroc"]["rows"] == {"x": {"a": 0.8, "b": 0.9},
                                                        "y": {"a": 0.6, "b": 0.7}}
     assert table["metrics"]["image_auroc"]["mean"] == pytest.approx({"a": 0.7, "b": 0.8})
@@ -85,12 +88,9 @@ def test_backbones_arms_are_figs_3_and_5():
 
 
 def test_arms_on_other_datasets_get_their_own_table():
-    def result(aurocs):
-        return dict(teacher_is_random=True, runs=[
-            dict(name=name, image_auroc=value, f1=0.5, pixel_auroc=None, pro=None)
-            for name, value in aurocs.items()])
-    table = ablation.comparison({"a": result({"x": 0.8, "y": 0.6}),
-                                 "c/a": result({"cat": 0.5, "dog": 0.7, "owl": 0.9})}, "says")
+    table = ablation.comparison({"a": arm_result({"x": 0.8, "y": 0.6}, True),
+                                 "c/a": arm_result({"cat": 0.5, "dog": 0.7, "owl": 0.9}, True)},
+                                "says")
     assert table["runs"] == ["x", "y", "cat", "dog", "owl"]
     rows = table["metrics"]["image_auroc"]["rows"]
     assert rows["x"] == {"a": 0.8, "c/a": None} and rows["owl"] == {"a": None, "c/a": 0.9}

@@ -13,12 +13,13 @@ from fcd_jax.models.vit import (
     ViT,
     build_vit,
     init_params,
+    init_variables,
     parse_variant,
     truncate_params,
 )
 
-__all__ = ["VARIANTS", "ViT", "build_vit", "init_params", "is_cnn_model", "load_pretrained",
-           "model_outputs", "parse_variant", "truncate_params"]
+__all__ = ["VARIANTS", "ViT", "build_vit", "init_params", "init_variables", "is_cnn_model",
+           "load_pretrained", "model_outputs", "parse_variant", "truncate_params"]
 
 
 def load_pretrained(path: str | os.PathLike, *, image_size: int | None = None

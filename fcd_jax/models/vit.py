@@ -253,15 +253,21 @@ def build_vit(model_config: Any, depth: int | None = None) -> ViT:
 
 def init_params(model: nn.Module, image_size: int, key: jax.Array) -> dict:
     """Random parameters of ``model`` for ``image_size`` x ``image_size`` RGB input (jitted)."""
+    return init_variables(model, image_size, key)["params"]
+
+
+def init_variables(model: nn.Module, image_size: int, key: jax.Array) -> dict:
+    """All of ``model``'s random Flax variables (a CNN's ``batch_stats`` too) for
+    ``image_size`` px RGB input, from one compiled init per (model, size) in a process."""
     return _jitted_init(model, image_size)(key)
 
 
 @functools.cache
 def _jitted_init(model: nn.Module, image_size: int):
-    """One compiled init per (model, size) in a process: a fresh ``jax.jit(model.init)`` at
-    every call compiled it again (2.5 s of a small job's wall time)."""
+    """A fresh ``jax.jit(model.init)`` at every call compiled it again (2.5 s of a small job's
+    wall time)."""
     shape = (1, image_size, image_size, 3)
-    return jax.jit(lambda key: model.init(key, jnp.zeros(shape, jnp.float32))["params"])
+    return jax.jit(lambda key: dict(model.init(key, jnp.zeros(shape, jnp.float32))))
 
 
 def truncate_params(params: dict, depth: int) -> dict:
