@@ -248,7 +248,8 @@ class Implementation:
     to_score_input: Callable[[np.ndarray], Any] | None = None  # ... the score step (to_input)
     block: Callable[[], None] = lambda: None  # waits until dispatched work is done
     compile_seconds: dict[str, float] = field(default_factory=dict)
-    host_peak_bytes: int = 0
+    host_peak_bytes: int = 0  # peak RSS increase over building and warming up
+    step_peak_bytes: int = 0  # ... over the warm-up steps alone: the step's own memory
     flops: float = 0.0  # of one train step, for the utilisation of this implementation
     splits: int = 1  # splits a train or score call steps: images per call = splits * batch
 
@@ -476,13 +477,19 @@ def timed_rounds(impls: list[Implementation], run: Callable[[Implementation, Any
     after itself (fcd-jax after PyTorch, ViT-S/16 batch 8: 5.3-5.5 s against 4.4 s; after
     fcd-jax: 4.4 s either way), which would bias the first contestant of every round.
 
+    Round r starts with contestant r (mod their number): even after the settle calls the first
+    contestant of a round, right after ``after_round``, was the slowest (ViT-B/16 batch 8: 7-10%
+    in two runs with its role swapped), so every contestant takes every place in turn; give
+    ``steps`` a multiple of the contestants for the same number of rounds in each place.
+
     Returns wall-clock and process CPU seconds per call; on a shared machine the CPU seconds (all
     threads together) are the steadier measure of work, the wall-clock the one that counts.
     """
     wall: dict[str, list[float]] = {impl.name: [] for impl in impls}
     cpu: dict[str, list[float]] = {impl.name: [] for impl in impls}
-    for _ in range(steps):
-        for impl in impls:
+    for round_index in range(steps):
+        first = round_index % len(impls)
+        for impl in impls[first:] + impls[:first]:
             for _ in range(settle):
                 jax.block_until_ready(run(impl, inputs[impl.name]))
                 impl.block()
@@ -574,7 +581,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         losses[impl.name] = [np.asarray(impl.train_step(inputs[impl.name])).reshape(())
                              for _ in range(args.warmup)]
         scores[impl.name] = [np.asarray(impl.score(score_inputs[impl.name]))]
-        impl.host_peak_bytes = max(impl.host_peak_bytes, memory.peak_increase())
+        impl.step_peak_bytes = memory.peak_increase()
+        impl.host_peak_bytes = max(impl.host_peak_bytes, impl.step_peak_bytes)
         if impl.name == "torch_compile":  # compiles in its first calls: report warm-up + compile
             impl.compile_seconds["first calls"] = time.perf_counter() - start
     reference = args.reference
@@ -628,6 +636,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                                / score_median / 1e9),
             compile_seconds=impl.compile_seconds,
             host_peak_increase_mb=impl.host_peak_bytes / 2**20,
+            step_peak_increase_mb=impl.step_peak_bytes / 2**20,
         )
     result["train_flops"], result["score_flops"] = impls[0].flops, score_flops
     result["device_peak_bytes"] = device_peak_bytes()
@@ -781,14 +790,15 @@ def print_table(rows: dict[str, dict[str, Any]], result: dict[str, Any]) -> None
           f"{result['score_flops'] / 1e9:.1f} GFLOP (analytic matmul FLOPs)")
     header = (f"{'implementation':34s} {'train img/s':>11s} {'step s':>7s} {'cpu s':>6s} "
               f"{'GFLOP/s':>8s} {'util':>5s} {'score img/s':>11s} {'cpu s':>6s} "
-              f"{'compile s':>10s} {'host MB':>8s}")
+              f"{'compile s':>10s} {'host MB':>8s} {'step MB':>8s}")
     print(header)
     for name, row in rows.items():
         compile_s = "+".join(f"{v:.1f}" for v in row["compile_seconds"].values()) or "-"
         print(f"{name:34s} {row['train_images_per_s']:11.2f} {row['train_step_s']:7.2f} "
               f"{row['train_cpu_s']:6.2f} {row['train_gflop_per_s']:8.1f} "
               f"{100 * row['train_utilisation']:4.0f}% {row['score_images_per_s']:11.2f} "
-              f"{row['score_cpu_s']:6.2f} {compile_s:>10s} {row['host_peak_increase_mb']:8.0f}")
+              f"{row['score_cpu_s']:6.2f} {compile_s:>10s} {row['host_peak_increase_mb']:8.0f} "
+              f"{row['step_peak_increase_mb']:8.0f}")
     if result["device_peak_bytes"] is not None:
         print(f"device peak memory: {result['device_peak_bytes'] / 2**20:.0f} MB")
     jax_scores = rows["jax"]["score_images_per_s"]

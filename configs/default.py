@@ -136,13 +136,17 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.gelu_approximate = config_dict.placeholder(bool)  # vit_jax's flax code: tanh
     config.model.dtype = "float32"  # compute dtype; params, anchor and loss stay float32
     config.model.scan_layers = True  # False: unroll the layer scan (same params, same numbers)
-    config.model.remat = False  # True: each block's activations recomputed in the backward
-    # With remat: what a block keeps for the backward. "nothing": recompute the whole block
-    # (least memory, +1 forward); "dots": keep the matmul outputs, recompute the norms, GELU,
-    # softmax and attention's batched products (ViT-B/16 batch 8: step temporaries 1.45 GB
-    # instead of 2.85 GB; BENCHMARKS.md "Memory").
-    config.model.remat_policy = "nothing"
-    config.model.attention_implementation = ""  # "" (auto), "xla" or "cudnn"
+    # Rematerialisation: each block keeps only what remat_policy names for the backward and
+    # recomputes the rest. "dots": the outputs of its projection and MLP matmuls (the norms,
+    # GELU, softmax and attention's batched products are recomputed; ViT-B/16 batch 8 on the
+    # CPU: step temporaries 1.45 GB instead of 2.85 GB, and a faster step: BENCHMARKS.md
+    # "Memory"); "nothing": keep nothing (least memory, one more forward). remat=False keeps
+    # every intermediate that autodiff saves.
+    config.model.remat = True
+    config.model.remat_policy = "dots"
+    # "" (CPU: "heads_first", fcd-jax's attention; elsewhere JAX's choice), "heads_first",
+    # or jax.nn.dot_product_attention's "xla" or "cudnn" (GPU, bfloat16).
+    config.model.attention_implementation = ""
     config.model.layer_scale = False  # per-channel ls1/ls2 on each block's branches (DINOv2)
     config.model.num_registers = 0  # register tokens after cls (DINOv2 _reg: 4; DeiT distilled: 1)
     # The paper's CNN ablations (METHOD.md "The paper's ablations"; configs/ablations/backbones.py):

@@ -30,13 +30,13 @@ from fcd_jax import input_pipeline, losses, parallel, scoring
 from fcd_jax.datasets import embedded, folders
 from fcd_jax.datasets.split import holdout_count
 from fcd_jax.errors import ConfigError
-from fcd_jax.models.vit import REMAT_POLICIES, build_vit
+from fcd_jax.models.vit import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, build_vit
 from fcd_jax.networks import TEACHER_SPEC_FIELDS, BlockPlan, check_backbone
 
 # The names the code accepts, for the fields whose value is one of a few names.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.attention_implementation": ("", "xla", "cudnn"),
+    "model.attention_implementation": ATTENTION_IMPLEMENTATIONS,
     "model.remat_policy": tuple(REMAT_POLICIES),
     "teacher.init": ("pretrained", "random"),
     "method.distill_form": losses.DISTILL_FORMS,

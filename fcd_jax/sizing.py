@@ -116,7 +116,8 @@ def auto_parallel_splits(config: ml_collections.ConfigDict, num_splits: int) -> 
     if fits_per_device < 1:
         raise FcdError(
             f"one split needs {one / 2**30:.1f} GiB per device, more than the device has: lower "
-            "--config.data.batch_size, use --config.model.remat=True or more devices on 'data'"
+            "--config.data.batch_size, keep less for the backward (--config.model.remat=True "
+            "--config.model.remat_policy=nothing) or use more devices on 'data'"
         )
     group = min(num_splits, fits_per_device * split_axis)
     # Every process must train the same groups: process 0's measurement decides.

@@ -20,11 +20,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/
 
 DEVICE_GIB = (16, 80, 141)
-VARIANTS = {
-    "float32": {},
+VARIANTS = {  # config.model fields over the default (float32, remat_policy="dots")
+    "default": {},
     "bfloat16": {"dtype": "bfloat16"},
-    "remat": {"remat": True},
-    "bfloat16+remat": {"dtype": "bfloat16", "remat": True},
+    "remat=False": {"remat": False},
+    "remat_policy=nothing": {"remat_policy": "nothing"},
+    "bfloat16+nothing": {"dtype": "bfloat16", "remat_policy": "nothing"},
 }
 PAPER_BATCHES = {32: "CIFAR-10/100, Fashion-MNIST", 4: "MVTec AD"}
 

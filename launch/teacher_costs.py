@@ -1,7 +1,7 @@
 """What a stronger teacher costs: FLOPs, time and memory of one FCD train step per teacher setup.
 
     JAX_PLATFORMS=cpu python launch/teacher_costs.py [--setups paper,dinov2_b14@518] \
-        [--batch 1] [--steps 3] [--memory_batches 32,4] [--remat]
+        [--batch 1] [--steps 3] [--memory_batches 32,4] [--remat_policy nothing|off]
 
 A setup is ``paper`` (the paper's ViT-B/16 at 224) or a ``teacher=`` name of ``configs/default.py``
 (``dinov2_b14``, ``dinov2_l14_reg``, ...), optionally ``@SIZE`` for another image size (DINOv2's
@@ -28,8 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/
 DEFAULT_SETUPS = "paper,dinov2_b14,dinov2_b14@518"
 
 
-def setup_config(setup: str, batch: int, remat: bool = False):
-    """``configs/default.py`` for ``setup`` (``paper`` or ``TEACHER[@SIZE]``) at ``batch``."""
+def setup_config(setup: str, batch: int, remat_policy: str = ""):
+    """``configs/default.py`` for ``setup`` (``paper`` or ``TEACHER[@SIZE]``) at ``batch``;
+    ``remat_policy`` one of ``model.remat_policy``'s, or "off" (``model.remat=False``), or ""
+    (the config's)."""
     from configs import default
 
     name, _, size = setup.partition("@")
@@ -37,7 +39,10 @@ def setup_config(setup: str, batch: int, remat: bool = False):
     if size:
         config.data.image_size = int(size)
     config.data.batch_size = batch
-    config.model.remat = remat
+    if remat_policy:
+        config.model.remat = remat_policy != "off"
+        if config.model.remat:
+            config.model.remat_policy = remat_policy
     return config
 
 
@@ -93,7 +98,8 @@ def main() -> None:
     parser.add_argument("--setups", default=DEFAULT_SETUPS)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3, help="0: memory only")
-    parser.add_argument("--remat", action="store_true", help="model.remat=True for every setup")
+    parser.add_argument("--remat_policy", default="",
+                        help="model.remat_policy for every setup, or off (default: the config's)")
     parser.add_argument("--memory_batches", default="",
                         help="e.g. 32,4: memory per split at these batch sizes (compiles 2x each)")
     args = parser.parse_args()
@@ -104,12 +110,12 @@ def main() -> None:
 
     rows = []
     for setup in args.setups.split(","):
-        config = setup_config(setup, args.batch, args.remat)
+        config = setup_config(setup, args.batch, args.remat_policy)
         tokens = 1 + (config.data.image_size // build_vit(config.model).patch_size) ** 2
         flops, seconds = step_cost(config, args.steps) if args.steps else (float("nan"),) * 2
         memory = []
         for batch in [int(b) for b in args.memory_batches.split(",") if b]:
-            batch_config = reconcile(setup_config(setup, batch, args.remat), None)
+            batch_config = reconcile(setup_config(setup, batch, args.remat_policy), None)
             one = step_memory_bytes(batch_config, 1)
             two = step_memory_bytes(batch_config, 2)
             memory.append(f"b{batch}: {(two - one) / 2**30:.2f} + {(2 * one - two) / 2**30:.2f}")
@@ -121,7 +127,7 @@ def main() -> None:
     base_flops, base_seconds = rows[0][4], rows[0][5]
     shown = lambda value, form: "-" if math.isnan(value) else format(value, form)
     print(f"\nOne train step, batch {args.batch}, {args.steps} timed steps (median)"
-          f"{', remat' if args.remat else ''}:\n")
+          f"{', remat_policy ' + args.remat_policy if args.remat_policy else ''}:\n")
     print("| setup | ViT | image | tokens | GFLOP/step | x | s/step | x | GiB per split + fixed |")
     print("|---|---|---|---|---|---|---|---|---|")
     for setup, variant, size, tokens, flops, seconds, memory in rows:

@@ -67,6 +67,17 @@ def test_benchmark_runs_on_a_tiny_model_and_implementations_agree(capsys):
     ), last_line
 
 
+def test_timed_rounds_give_every_contestant_every_place():
+    """Round r starts with contestant r: the first place of a round is the slow one."""
+    calls = []
+    impls = [bench.Implementation(name, train_step=calls.append, score=None, to_input=None)
+             for name in "abc"]
+    wall, cpu = bench.timed_rounds(impls, lambda impl, _: impl.train_step(impl.name),
+                                   dict.fromkeys("abc"), steps=3, settle=0)
+    assert "".join(calls) == "abc" "bca" "cab"
+    assert all(len(wall[name]) == len(cpu[name]) == 3 for name in "abc")
+
+
 def test_disagreement_stops_the_benchmark():
     same = [np.array([1.0, 2.0])]
     assert bench.check_agreement("x", "loss", same, same, 1e-3) == 0.0
@@ -198,8 +209,10 @@ def test_forward_flops_count_every_matmul_of_the_vit():
 
 
 def test_train_step_flops_count_the_step_matmuls():
-    """The production stacked step of one split: its jaxpr's matmuls are the analytic count."""
+    """The production stacked step of one split: its jaxpr's matmuls are the analytic count
+    (model FLOPs: without rematerialisation, whose recomputed attention products they omit)."""
     config = bench_tiny_config(batch=3)
+    config.model.remat = False
     networks = build_networks(config)
     key = jax.random.key(0)
     teacher_params = jax.eval_shape(lambda: networks.teacher.init(

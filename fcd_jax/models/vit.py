@@ -26,9 +26,9 @@ code does (e.g. DINOv2's 37x37 grid, bicubically), rather than on every forward 
 
 The encoder blocks' parameters are always stacked on a leading ``depth`` axis (``params["blocks"]``)
 and run with ``nn.scan``; ``scan_layers=False`` fully unrolls that scan (slower compile, sometimes a
-faster step) with the very same parameters and numbers. ``remat=True`` rematerialises each block:
-``remat_policy`` "nothing" keeps nothing of it for the backward, "dots" keeps its matmul outputs
-(``REMAT_POLICIES``).
+faster step) with the very same parameters and numbers. ``remat=True`` (the config's default)
+rematerialises each block, keeping for the backward what ``remat_policy`` names
+(``REMAT_POLICIES``). Attention runs heads first on the CPU (:func:`heads_first_attention`).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class SelfAttention(nn.Module):
 
     num_heads: int
     dtype: Any = jnp.float32
-    implementation: str | None = None  # jax.nn.dot_product_attention: None (auto), "xla", "cudnn"
+    implementation: str = ""  # one of ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -94,11 +94,34 @@ class SelfAttention(nn.Module):
             dense = nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype, name=name)
             return dense(tokens)  # [batch, tokens, heads, head_dim]
 
-        attended = jax.nn.dot_product_attention(
-            project("query"), project("key"), project("value"),
-            implementation=self.implementation,
-        )
+        query, key, value = project("query"), project("key"), project("value")
+        implementation = self.implementation or (
+            "heads_first" if jax.default_backend() == "cpu" else None)
+        if implementation == "heads_first":
+            attended = heads_first_attention(query, key, value)
+        else:
+            attended = jax.nn.dot_product_attention(
+                query, key, value, implementation=implementation)
         return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out")(attended)
+
+
+# model.attention_implementation: "" picks per platform (CPU: "heads_first"; elsewhere JAX's own
+# choice, e.g. cuDNN's fused kernel for bfloat16 on a GPU).
+ATTENTION_IMPLEMENTATIONS = ("", "heads_first", "xla", "cudnn")
+
+
+def heads_first_attention(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(head_dim)) v for ``[batch, tokens, heads, head_dim]`` inputs and
+    output, as ``jax.nn.dot_product_attention``, with the matmuls batched heads first: on the
+    CPU the tokens-first products of ``dot_product_attention`` run at a fraction of the matmul
+    rate (BENCHMARKS.md "Optimisations"). Scaling q instead of the logits costs head_dim, not
+    tokens, multiplies per query."""
+    to_heads_first = lambda tokens: tokens.transpose(0, 2, 1, 3)  # and back: its own inverse
+    query, key, value = map(to_heads_first, (query, key, value))
+    query = query * jnp.asarray(query.shape[-1] ** -0.5, query.dtype)
+    logits = jnp.einsum("bhtd,bhsd->bhts", query, key, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+    return to_heads_first(jnp.einsum("bhts,bhsd->bhtd", probs, value))
 
 
 def drop_registers(tokens: jax.Array, num_registers: int) -> jax.Array:
@@ -108,10 +131,12 @@ def drop_registers(tokens: jax.Array, num_registers: int) -> jax.Array:
     return jnp.concatenate([tokens[..., :1, :], tokens[..., 1 + num_registers:, :]], axis=-2)
 
 
-# What a rematerialised block keeps for the backward pass (``model.remat_policy``).
+# What a rematerialised block keeps for the backward pass (``model.remat_policy``): "dots" the
+# outputs of the projections' and MLP's matmuls (the norms, GELU and the attention's batched
+# products and softmax are recomputed, inside the backward's own passes); "nothing" nothing.
 REMAT_POLICIES = {
-    "nothing": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "nothing": jax.checkpoint_policies.nothing_saveable,
 }
 
 
@@ -124,7 +149,7 @@ class EncoderBlock(nn.Module):
     layernorm_eps: float = 1e-6
     gelu_approximate: bool = False
     dtype: Any = jnp.float32
-    attention_implementation: str | None = None
+    attention_implementation: str = ""
     layer_scale: bool = False
     num_registers: int = 0
 
@@ -160,7 +185,7 @@ class ViT(nn.Module):
     scan_layers: bool = True
     remat: bool = False
     remat_policy: str = "nothing"
-    attention_implementation: str | None = None
+    attention_implementation: str = ""
     layer_scale: bool = False
     num_registers: int = 0
 
@@ -245,7 +270,7 @@ def build_vit(model_config: Any, depth: int | None = None) -> ViT:
         scan_layers=bool(get("scan_layers", True)),
         remat=bool(get("remat")),
         remat_policy=str(get("remat_policy") or "nothing"),
-        attention_implementation=get("attention_implementation") or None,
+        attention_implementation=get("attention_implementation") or "",
         layer_scale=bool(get("layer_scale")),
         num_registers=int(get("num_registers") or 0),
     )
