@@ -114,8 +114,8 @@ def heads_first_attention(query: jax.Array, key: jax.Array, value: jax.Array) ->
     """softmax(q k^T / sqrt(head_dim)) v for ``[batch, tokens, heads, head_dim]`` inputs and
     output, as ``jax.nn.dot_product_attention``, with the matmuls batched heads first: on the
     CPU the tokens-first products of ``dot_product_attention`` run at a fraction of the matmul
-    rate (BENCHMARKS.md "Optimisations"). Scaling q instead of the logits costs head_dim, not
-    tokens, multiplies per query."""
+    rate (BENCHMARKS.md "Step level after the rotation fix"). Scaling q instead of the logits
+    costs head_dim, not tokens, multiplies per query."""
     to_heads_first = lambda tokens: tokens.transpose(0, 2, 1, 3)  # and back: its own inverse
     query, key, value = map(to_heads_first, (query, key, value))
     query = query * jnp.asarray(query.shape[-1] ** -0.5, query.dtype)
