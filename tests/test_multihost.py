@@ -1,9 +1,10 @@
 """Multi-host through ``jax.distributed``: ``launch/local_multiprocess.sh`` on 127.0.0.1.
 
 Two processes with 2 CPU devices each (one 4-device mesh over gloo) train and score 3 digits
-splits on 2 slots (the third split refills a freed slot: fresh state, teacher-cache rows and the
-re-stack gathered across the processes); a single process with 4 devices does the same; both must
-report the same numbers.
+splits on 2 slots; a single process with 4 devices does the same; both must report the same
+numbers. On a (split 2, data 2) mesh the third split refills a freed slot beside a padding slot
+(fresh state, teacher-cache rows and the re-stack gathered across the processes); on a (1, 4) mesh
+the stack of 2 is re-stacked into the smaller program of 1, compiled ahead on each process.
 """
 
 import json
@@ -18,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch" / "local_multiprocess.sh"
-SPLITS = ["0", "1", "2"]  # on 2 slots of a (2, 2) mesh: "2" and a padding slot after "0" and "1"
+SPLITS = ["0", "1", "2"]  # on 2 slots: "0" and "1", then "2" (all train the same steps)
 
 
 def read_runs(workdir: Path) -> dict[str, dict]:
@@ -27,11 +28,21 @@ def read_runs(workdir: Path) -> dict[str, dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "mesh_shape, schedule",
+    [
+        ((2, 2), "schedule: 2 segments, sizes {2}"),  # "2" beside a padding slot
+        ((1, 4), "schedule: 2 segments, sizes {2, 1}"),  # "2" alone in the smaller program
+    ],
+)
 def test_two_processes_report_what_one_process_reports(
-    tmp_path, tiny_flags, fast_compile_xla_flags
+    tmp_path, tiny_flags, fast_compile_xla_flags, mesh_shape, schedule
 ):
     # The teacher cache too: each process fills its block of it.
-    flags = tiny_flags(splits=",".join(SPLITS), parallel_splits=2, **{"train.teacher_cache": "on"})
+    flags = tiny_flags(
+        splits=",".join(SPLITS), parallel_splits=2, mesh_shape=mesh_shape,
+        **{"train.teacher_cache": "on"},
+    )
     env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_WAIT_POLICY="PASSIVE")
     multi = subprocess.Popen(
         ["bash", str(LAUNCH), "2", *flags, f"--workdir={tmp_path / 'multi'}"],
@@ -55,7 +66,7 @@ def test_two_processes_report_what_one_process_reports(
     assert single.returncode == 0, single_out[-3000:]
     assert "JAX process 1 of 2" in logs[1] and "all devices: 4" in logs[1]
     assert all("teacher cache on" in log for log in [*logs.values(), single_out])
-    assert all("schedule: 2 segments" in log for log in [*logs.values(), single_out])
+    assert all(schedule in log for log in [*logs.values(), single_out])
 
     multi_runs, single_runs = read_runs(tmp_path / "multi"), read_runs(tmp_path / "single")
     assert list(multi_runs) == list(single_runs) == SPLITS
