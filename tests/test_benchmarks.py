@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks import bench, torch_reference  # noqa: E402
+from benchmarks import bench, gemm_shapes, profile_step, torch_reference  # noqa: E402
 from fcd_jax import train_state  # noqa: E402
 from fcd_jax.models import build_vit  # noqa: E402
 from fcd_jax.networks import build_networks  # noqa: E402
@@ -228,6 +228,41 @@ def test_train_step_flops_count_the_step_matmuls():
     # The Gram backward may also differentiate the teacher's half of a stacked matmul.
     gram_teacher_backward = 3 * 3 * 4 * 5 * 32**2  # batch * pairs * 4 N D^2
     assert analytic <= counted <= analytic + gram_teacher_backward
+
+
+def test_gemm_shapes_are_the_step_matmuls():
+    """ViT-B/16 at batch 8: 8 x 197 tokens; the fused qkv, MLP and weight-gradient shapes."""
+    shapes = gemm_shapes.gemm_shapes("B/16", 8)
+    assert shapes["qkv"] == (1576, 768, 2304)
+    assert shapes["mlp out"] == (1576, 3072, 768)
+    assert shapes["weight grad, mlp in"] == (768, 1576, 3072)
+
+
+def test_profile_sums_the_xla_ops_of_the_worker_threads_by_kind(tmp_path):
+    """A Perfetto trace as jax.profiler writes it: only complete events on XLA's CPU worker
+    threads count, wrapper events (``Thunk...::...``) and the Python thread do not."""
+    import gzip
+    import json
+
+    events = [
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "tf_XLAEigen/1"}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 8, "args": {"name": "python"}},
+        {"ph": "X", "pid": 1, "tid": 7, "name": "ynn_fusion.3", "dur": 3e6},
+        {"ph": "X", "pid": 1, "tid": 7, "name": "ynn_fusion", "dur": 1e6},
+        {"ph": "X", "pid": 1, "tid": 7, "name": "copy_bitcast_fusion.2", "dur": 5e5},
+        {"ph": "X", "pid": 1, "tid": 7, "name": "ThunkExecutor::Execute", "dur": 9e6},
+        {"ph": "X", "pid": 1, "tid": 8, "name": "dot.1", "dur": 9e6},
+    ]
+    trace = tmp_path / "plugins" / "profile" / "run"
+    trace.mkdir(parents=True)
+    with gzip.open(trace / "perfetto_trace.json.gz", "wt") as file:
+        json.dump({"traceEvents": events}, file)
+    seconds = profile_step.op_seconds(tmp_path)
+    assert seconds == {"ynn_fusion": 4.0, "copy_bitcast_fusion": 0.5}
+    assert profile_step.kind_of("ynn_fusion") == "matmul"
+    assert profile_step.kind_of("bitcast_dynamic-update-slice_fusion") == "scan slices and updates"
+    assert profile_step.kind_of("copy_bitcast_fusion") == "copy/transpose/broadcast"
+    assert profile_step.kind_of("negate_exponential_fusion") == "elementwise/reduce fusions"
 
 
 def test_groupc_is_scaled_to_the_depth():
