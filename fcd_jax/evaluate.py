@@ -373,12 +373,14 @@ def evaluate_splits(
     teacher_params: dict,
     networks: Networks,
     mesh: Mesh,
-    run_dirs: list[str],
+    run_dirs: list[str | None],
 ) -> list[dict]:
     """:func:`evaluate_split` of every split of a group in one program (:func:`score_group`):
     the same numbers, arrays and plots, each test set the splits share passed through the
     teacher once. ``models``: each split's trained ``{"params", "anchor"}``, replicated on
-    ``mesh``. Returns the runs' ``results.json`` entries, in the order of ``splits``."""
+    ``mesh``. A split whose run directory is None is scored (its student keeps its slot in the
+    program) but not finished. Returns the finished runs' ``results.json`` entries, in the
+    order of ``splits``."""
     if not splits:
         return []
     for split in splits:
@@ -400,6 +402,7 @@ def evaluate_splits(
     return [
         finish_split(config, split, scored(index, "holdout"), scored(index, "test"), run_dir)
         for index, (split, run_dir) in enumerate(zip(splits, run_dirs, strict=True))
+        if run_dir is not None
     ]
 
 

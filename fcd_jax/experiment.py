@@ -10,11 +10,14 @@ orbax checkpoint and ends with the same numbers as an uninterrupted run.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import ml_collections
 from absl import logging
 
 from fcd_jax import workdir
+from fcd_jax.datasets.split import Split
 from fcd_jax.errors import FcdError
 from fcd_jax.evaluate import SavedRuns, evaluate_splits
 from fcd_jax.group_trainer import GroupTrainer
@@ -53,20 +56,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, directory: str) -> dic
             group_size_for(config, len(names)), save_models=todo,
         ) as trainer:
             trainer.train()
-            models = {name: trainer.model(name) for name in todo}
-            chunk = trainer.num_stacked  # as many students at once as trained at once
-        left = [split for split in splits if split.name in models]
-        for start in range(0, len(left), chunk):
-            part = left[start: start + chunk]
+            parts = evaluation_parts(directory, splits, todo, trainer.num_stacked)
+            models = {split.name: trainer.model(split.name) for part in parts for split in part}
+        for part in parts:
+            run_dirs = [workdir.run_dir(directory, split.name) if split.name in todo else None
+                        for split in part]
             for summary in evaluate_splits(
                 config, part, [models[split.name] for split in part], trainer.teacher_params,
-                networks, trainer.mesh, [workdir.run_dir(directory, split.name) for split in part],
+                networks, trainer.mesh, run_dirs,
             ):
                 summaries[summary["name"]] = finish_run(config, directory, summary)
     runs = [summaries[name] for name in names]
     if jax.process_index() == 0:
         workdir.write_reports(config, directory, runs, teacher.is_random)
     return {"runs": runs, "teacher_is_random": teacher.is_random}
+
+
+def evaluation_parts(
+    directory: str, splits: list[Split], todo: list[str], size: int
+) -> list[list[Split]]:
+    """The groups of splits scored together (``size`` students at once, as many as trained at
+    once) that hold a run still to finish. Like the schedule, they are fixed by the selection,
+    not by what is left: a run killed between two evaluations scores the group again with the
+    same students in the same slots, the same program and so the same numbers to the bit (a
+    narrower program may round differently in the last bit), and writes only the unfinished
+    runs. A finished split whose trained model is gone is left out."""
+    parts = []
+    for start in range(0, len(splits), size):
+        part = splits[start: start + size]
+        if any(split.name in todo for split in part):
+            parts.append([split for split in part if split.name in todo
+                          or os.path.isdir(workdir.model_dir(directory, split.name))])
+    return parts
 
 
 def finish_run(config: ml_collections.ConfigDict, directory: str, summary: dict) -> dict:

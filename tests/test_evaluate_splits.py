@@ -115,3 +115,20 @@ def test_a_split_without_holdout_stops_before_scoring(tiny_config, tmp_path):
         evaluate.evaluate_splits(config, splits, models, teacher, networks,
                                  parallel.data_mesh(jax.devices()[:1]),
                                  [str(tmp_path / "a"), str(tmp_path / "b")])
+
+
+def test_evaluation_parts_are_fixed_by_the_selection(tmp_path):
+    """A run killed between evaluations scores each unfinished run's group again as the
+    uninterrupted run did (finished students in their slots, if their models are still there);
+    groups with nothing left to finish are not scored."""
+    from types import SimpleNamespace
+
+    from fcd_jax.experiment import evaluation_parts
+
+    splits = [SimpleNamespace(name=name) for name in "abcde"]
+    for name in "ab":  # finished, models saved; "c"'s model was deleted
+        (tmp_path / "runs" / name / "model").mkdir(parents=True)
+    parts = evaluation_parts(str(tmp_path), splits, ["d", "e"], 2)
+    assert [[split.name for split in part] for part in parts] == [["d"], ["e"]]  # "c" left out
+    parts = evaluation_parts(str(tmp_path), splits, ["b", "c", "d", "e"], 2)
+    assert [[split.name for split in part] for part in parts] == [["a", "b"], ["c", "d"], ["e"]]
