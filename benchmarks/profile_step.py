@@ -31,7 +31,9 @@ from benchmarks import bench
 KINDS = (
     ("matmul", re.compile(r"^(ynn_fusion|xnn_fusion|onednn|dot|convolution)")),
     ("scan slices and updates", re.compile(r"dynamic-slice|dynamic-update-slice|while")),
-    ("copy/transpose/broadcast", re.compile(r"copy|transpose|broadcast|concatenate|pad")),
+    # Data movement alone; "broadcast_divide_fusion" and the like are arithmetic.
+    ("copy/transpose/broadcast", re.compile(
+        r"^(wrapped_)?(copy|transpose|concatenate|pad)|^wrapped_broadcast|^bitcast_(copy|broadcast)")),
 )
 
 

@@ -262,7 +262,9 @@ def test_profile_sums_the_xla_ops_of_the_worker_threads_by_kind(tmp_path):
     assert profile_step.kind_of("ynn_fusion") == "matmul"
     assert profile_step.kind_of("bitcast_dynamic-update-slice_fusion") == "scan slices and updates"
     assert profile_step.kind_of("copy_bitcast_fusion") == "copy/transpose/broadcast"
+    assert profile_step.kind_of("wrapped_broadcast") == "copy/transpose/broadcast"
     assert profile_step.kind_of("negate_exponential_fusion") == "elementwise/reduce fusions"
+    assert profile_step.kind_of("broadcast_divide_fusion") == "elementwise/reduce fusions"
 
 
 def test_groupc_is_scaled_to_the_depth():
