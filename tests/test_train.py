@@ -162,3 +162,21 @@ def test_bfloat16_compute_keeps_float32_params_anchor_and_loss(
     assert {leaf.dtype for leaf in jax.tree.leaves(states_bf16.params)} == {jnp.dtype("float32")}
     assert float(metrics_bf16["loss"][0]) == pytest.approx(float(metrics_f32["loss"][0]), rel=0.05)
     np.testing.assert_allclose(states_bf16.anchor, states_f32.anchor, rtol=0.05, atol=0.05)
+
+
+def test_stack_of_one_runs_the_step_the_stack_of_two_vmaps(digits_zero, default_setup):
+    """A stack of one runs its split's step without ``jax.vmap`` (no layout copies of the
+    stacked parameters); a stack of two vmaps it. Both train a split alike, to float rounding."""
+    from fcd_jax.train_step import make_stacked_step
+
+    setup = default_setup
+    step = jax.jit(make_stacked_step(setup.config, setup.networks))
+    images = digits_zero.train_images.images[:16][None]
+    alone, alone_metrics = step(fresh_states(setup), setup.teacher_params, images)
+    pair = jax.tree.map(lambda leaf: jnp.concatenate([leaf, leaf]), fresh_states(setup))
+    stacked, stacked_metrics = step(pair, setup.teacher_params, jnp.concatenate([images] * 2))
+    for one, two in zip(jax.tree.leaves((alone, alone_metrics)),
+                        jax.tree.leaves((stacked, stacked_metrics)), strict=True):
+        assert one.shape[0] == 1 and two.shape[0] == 2
+        np.testing.assert_allclose(np.asarray(two[1]), np.asarray(two[0]), rtol=0, atol=0)
+        np.testing.assert_allclose(np.asarray(two[0]), np.asarray(one[0]), rtol=1e-5, atol=1e-6)
