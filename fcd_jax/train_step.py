@@ -146,7 +146,7 @@ def make_stacked_step(
             return stacked(states, teacher, batch)
         # A stack of one runs its split's step as it is: under vmap the stack axis moves inside
         # nn.scan's depth axis, and XLA:CPU copies every stacked parameter (and gradient) to that
-        # layout although a size-1 axis moves no data (327 MB at ViT-B/16, BENCHMARKS "Memory").
+        # layout although a size-1 axis moves no data (327 MB at ViT-B/16; BENCHMARKS "Step level").
         first = lambda tree: jax.tree.map(lambda leaf: leaf[0], tree)
         outputs = one_split(first(states), first(teacher) if cached_teacher else teacher,
                             first(batch))
