@@ -74,7 +74,7 @@ def make_group_score_step(
 ) -> Callable[..., dict[str, jax.Array]]:
     """Jitted ``step(teacher_params, student_params [N, ...], anchors [N, ...], slots, images,
     with_maps) -> {"score" [S, B], "map" [S, B, H, W] (only with_maps)}``: S students at once
-    (``jax.vmap``; one slot runs its student as it is), the teacher run once per image.
+    (``parallel.vmap_stack``), the teacher run once per image.
 
     ``slots``: int32 ``[S]``, the student of each slot (students may repeat), or None for the N
     students in order (S = N). ``images`` uint8 ``[1, B, ...]``: every slot scores the same batch,
@@ -103,14 +103,9 @@ def make_group_score_step(
         if image_axis is None:
             teacher_blocks = jax.tree.map(lambda leaf: leaf[0], teacher_blocks)
             images = images[0]
-        if anchors.shape[0] == 1:  # one slot: no vmap (train_step.make_stacked_step says why)
-            first = lambda tree: jax.tree.map(lambda leaf: leaf[0], tree)
-            scored = one_student(first(student_params), anchors[0], teacher_blocks, images,
-                                 with_maps)
-            return jax.tree.map(lambda leaf: leaf[None], scored)
-        return jax.vmap(
+        return parallel.vmap_stack(
             functools.partial(one_student, with_maps=with_maps),
-            in_axes=(0, 0, image_axis, image_axis),
+            (0, 0, image_axis, image_axis),
         )(student_params, anchors, teacher_blocks, images)
 
     key = ("group score", ml_collections.FrozenConfigDict(config), networks)

@@ -94,6 +94,26 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def vmap_stack(function: Callable, in_axes: Sequence[int | None]) -> Callable:
+    """``jax.vmap(function, in_axes)`` over a stack's leading axis (each entry 0 or None), but a
+    stack of one calls ``function`` as it is. Under vmap the stack axis of parameters
+    ``[S, depth, ...]`` moves inside ``nn.scan``'s depth axis, and XLA:CPU copies every stacked
+    parameter (and gradient) to that layout although a size-1 axis moves no data (327 MB at
+    ViT-B/16; BENCHMARKS.md "Step level")."""
+    vmapped = jax.vmap(function, in_axes=tuple(in_axes))
+
+    def mapped(*args):
+        stacked = [arg for arg, axis in zip(args, in_axes, strict=True) if axis is not None]
+        if any(leaf.shape[0] != 1 for leaf in jax.tree.leaves(stacked)):
+            return vmapped(*args)
+        first = lambda tree: jax.tree.map(lambda leaf: leaf[0], tree)
+        outputs = function(*(arg if axis is None else first(arg)
+                             for arg, axis in zip(args, in_axes, strict=True)))
+        return jax.tree.map(lambda leaf: leaf[None], outputs)
+
+    return mapped
+
+
 def all_devices_sharding(mesh: Mesh) -> NamedSharding:
     """``[1, batch, ...]``: one split's batch over every device of the mesh (evaluation)."""
     return NamedSharding(mesh, P(None, (SPLIT, DATA)))

@@ -114,8 +114,8 @@ def distill_step(
 def make_stacked_step(
     config: ml_collections.ConfigDict, networks: Networks, cached_teacher: bool = False
 ) -> Callable[[TrainState, Any, Any], tuple[TrainState, dict]]:
-    """The train step of S splits at once: one split's step ``jax.vmap``-ed over the stack (a
-    stack of one runs it as it is), not yet jitted (:func:`stacked_train_step` is the compiled
+    """The train step of S splits at once: one split's step mapped over the stack
+    (``parallel.vmap_stack``), not yet jitted (:func:`stacked_train_step` is the compiled
     program).
 
     ``step(states, teacher_params, images uint8 [S, B, h, w, c])``; with ``cached_teacher``
@@ -139,20 +139,7 @@ def make_stacked_step(
         new_state = jax.tree.map(lambda new, old: jnp.where(active, new, old), new_state, state)
         return new_state, metrics
 
-    stacked = jax.vmap(one_split, in_axes=(0, 0 if cached_teacher else None, 0))
-
-    def step(states, teacher, batch):
-        if jax.tree.leaves(batch)[0].shape[0] > 1:
-            return stacked(states, teacher, batch)
-        # A stack of one runs its split's step as it is: under vmap the stack axis moves inside
-        # nn.scan's depth axis, and XLA:CPU copies every stacked parameter (and gradient) to that
-        # layout although a size-1 axis moves no data (327 MB at ViT-B/16; BENCHMARKS "Step level").
-        first = lambda tree: jax.tree.map(lambda leaf: leaf[0], tree)
-        outputs = one_split(first(states), first(teacher) if cached_teacher else teacher,
-                            first(batch))
-        return jax.tree.map(lambda leaf: leaf[None], outputs)
-
-    return step
+    return parallel.vmap_stack(one_split, (0, 0 if cached_teacher else None, 0))
 
 
 def stacked_train_step(
