@@ -1,5 +1,8 @@
 """fcd_jax.scoring against plain NumPy / scipy (METHOD.md eqs. 7-10 and the anomaly map)."""
 
+import contextlib
+import logging
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -165,6 +168,29 @@ def test_upsampling_is_half_pixel_bilinear():
     got = jax.jit(scoring.anomaly_map, static_argnums=(1, 2))(jnp.asarray(grid), (12, 20), 0.0)
     want = np.stack([np_bilinear(g.astype(np.float64), 12, 20) for g in grid])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("in_size, out_size", [(3, 17), (14, 224), (16, 15), (56, 40), (9, 2)])
+def test_upsample_matrix_is_jax_image_resize_without_compiling(in_size, out_size):
+    want = jax.image.resize(jnp.eye(in_size), (out_size, in_size), "bilinear")
+    scoring.upsample_matrix.cache_clear()
+    with jax.log_compiles(True), _captured_logs() as records:
+        got = scoring.upsample_matrix(in_size, out_size)
+    np.testing.assert_allclose(got, want, atol=2e-6)  # jax computes the positions in float32
+    assert not [r for r in records if "Compiling" in r.getMessage()]
+
+
+@contextlib.contextmanager
+def _captured_logs():
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
 
 
 @pytest.mark.parametrize("sigma", [0.6, 2.0, 4.0, 9.0])
