@@ -221,4 +221,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Scale (many splits in one program, data parallel over a mesh).
     config.mesh_shape = ()  # (split, data); () = automatic
     config.parallel_splits = "auto"  # "auto" | an int: splits trained together in one program
+    # How the splits of one program run: "vmap" vectorised (their matmuls batched: accelerators);
+    # "map" one after another in the program (jax.lax.map: each split bit-identical to it
+    # trained alone, one split's activations in memory at a time; needs mesh split axis 1);
+    # "auto": "map" on CPU when the mesh's split axis is 1, else "vmap" (BENCHMARKS.md).
+    config.stack_mode = "auto"
     return config

@@ -38,6 +38,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attention_implementation": ATTENTION_IMPLEMENTATIONS,
     "model.remat_policy": tuple(REMAT_POLICIES),
+    "stack_mode": parallel.STACK_MODES,
     "teacher.init": ("pretrained", "random"),
     "method.distill_form": losses.DISTILL_FORMS,
     "method.gram_form": losses.GRAM_FORMS,
@@ -196,6 +197,11 @@ def _check_train_and_scale(config: ml_collections.ConfigDict, devices: list) -> 
             raise _fail("mesh_shape", mesh_shape, "is not two positive integers (split, data)",
                         f"use () for automatic, or e.g. '(1, {len(devices)})'")  # fmt: skip
         parallel.make_mesh(1, config.data.batch_size, mesh_shape, devices)
+    if config.stack_mode == "map" and len(devices) > 1 and tuple(mesh_shape)[:1] != (1,):
+        # A loop over a stack axis sharded over devices would gather the whole stack.
+        raise _fail("stack_mode", "map", f"needs the stack on one device slot, but the "
+                    f"{len(devices)} devices may spread it", "add --config.mesh_shape='(1, "
+                    f"{len(devices)})' (every device on data) or use stack_mode='vmap'")
     for field in ("data.batch_size", "data.eval_batch_size"):
         if _value(config, field) % jax.process_count():
             raise _fail(field, _value(config, field), f"is not divisible by the "

@@ -74,12 +74,13 @@ def make_group_score_step(
 ) -> Callable[..., dict[str, jax.Array]]:
     """Jitted ``step(teacher_params, student_params [N, ...], anchors [N, ...], slots, images,
     with_maps) -> {"score" [S, B], "map" [S, B, H, W] (only with_maps)}``: S students at once
-    (``parallel.vmap_stack``), the teacher run once per image.
+    (``parallel.map_stack``), the teacher run once per image.
 
     ``slots``: int32 ``[S]``, the student of each slot (students may repeat), or None for the N
     students in order (S = N). ``images`` uint8 ``[1, B, ...]``: every slot scores the same batch,
     one teacher forward for all; ``[S, B, ...]``: slot s scores ``images[s]``. ``with_maps`` is
-    static.
+    static. The students run as ``config.stack_mode`` says (evaluation's mesh has every device on
+    ``data``: on CPU "auto" scores one student after another, each exactly as alone).
     """
     method = networks.plan.method(config.method)
 
@@ -103,9 +104,9 @@ def make_group_score_step(
         if image_axis is None:
             teacher_blocks = jax.tree.map(lambda leaf: leaf[0], teacher_blocks)
             images = images[0]
-        return parallel.vmap_stack(
+        return parallel.map_stack(
             functools.partial(one_student, with_maps=with_maps),
-            (0, 0, image_axis, image_axis),
+            (0, 0, image_axis, image_axis), parallel.runs_in_sequence(config.stack_mode, 1),
         )(student_params, anchors, teacher_blocks, images)
 
     key = ("group score", ml_collections.FrozenConfigDict(config), networks)

@@ -94,22 +94,42 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def vmap_stack(function: Callable, in_axes: Sequence[int | None]) -> Callable:
-    """``jax.vmap(function, in_axes)`` over a stack's leading axis (each entry 0 or None), but a
-    stack of one calls ``function`` as it is. Under vmap the stack axis of parameters
-    ``[S, depth, ...]`` moves inside ``nn.scan``'s depth axis, and XLA:CPU copies every stacked
-    parameter (and gradient) to that layout although a size-1 axis moves no data (327 MB at
-    ViT-B/16; BENCHMARKS.md "Step level")."""
-    vmapped = jax.vmap(function, in_axes=tuple(in_axes))
+STACK_MODES = ("auto", "vmap", "map")
+
+
+def runs_in_sequence(stack_mode: str, split_axis: int) -> bool:
+    """Whether the splits of a stack run one after another inside the program (``jax.lax.map``)
+    rather than vectorised (``jax.vmap``). ``stack_mode`` "auto": in sequence on CPU when the
+    stack is not spread over devices (``split`` axis 1), vectorised elsewhere (accelerators, or
+    a stack sharded over ``split``, which a loop over its axis would gather)."""
+    if stack_mode == "auto":
+        return split_axis == 1 and jax.default_backend() == "cpu"
+    return stack_mode == "map"
+
+
+def map_stack(function: Callable, in_axes: Sequence[int | None], sequential: bool) -> Callable:
+    """``function`` over a stack's leading axis (each ``in_axes`` entry 0 or None: mapped, or
+    the same for every split): ``jax.vmap``, or with ``sequential`` ``jax.lax.map``, where each
+    split runs exactly the program it runs alone (bit-identical) and only one split's
+    activations are alive at a time. A stack of one calls ``function`` as it is: under vmap the
+    stack axis of parameters ``[S, depth, ...]`` moves inside ``nn.scan``'s depth axis, and
+    XLA:CPU copies every stacked parameter (and gradient) to that layout although a size-1 axis
+    moves no data (327 MB at ViT-B/16; BENCHMARKS.md "Step level")."""
+    in_axes = tuple(in_axes)
+    vmapped = jax.vmap(function, in_axes=in_axes)
 
     def mapped(*args):
         stacked = [arg for arg, axis in zip(args, in_axes, strict=True) if axis is not None]
-        if any(leaf.shape[0] != 1 for leaf in jax.tree.leaves(stacked)):
-            return vmapped(*args)
-        first = lambda tree: jax.tree.map(lambda leaf: leaf[0], tree)
-        outputs = function(*(arg if axis is None else first(arg)
-                             for arg, axis in zip(args, in_axes, strict=True)))
-        return jax.tree.map(lambda leaf: leaf[None], outputs)
+
+        def one_split(split_slices):  # the stacked arguments' slices of one split
+            slices = iter(split_slices)
+            return function(*(arg if axis is None else next(slices)
+                              for arg, axis in zip(args, in_axes, strict=True)))
+
+        if all(leaf.shape[0] == 1 for leaf in jax.tree.leaves(stacked)):
+            outputs = one_split(jax.tree.map(lambda leaf: leaf[0], stacked))
+            return jax.tree.map(lambda leaf: leaf[None], outputs)
+        return jax.lax.map(one_split, stacked) if sequential else vmapped(*args)
 
     return mapped
 

@@ -88,7 +88,7 @@ def use_teacher_cache(
         if images_seen > largest_set:
             step = sizing.stacked_step_bytes(
                 config, num_stacked // mesh.shape[parallel.SPLIT],
-                config.data.batch_size // mesh.shape[parallel.DATA],
+                config.data.batch_size // mesh.shape[parallel.DATA], mesh.shape[parallel.SPLIT],
             )
             use = step + bytes_per_device <= 0.9 * sizing.device_memory_bytes()
         use = bool(multihost_utils.broadcast_one_to_all(np.bool_(use)))

@@ -112,10 +112,12 @@ def distill_step(
 
 
 def make_stacked_step(
-    config: ml_collections.ConfigDict, networks: Networks, cached_teacher: bool = False
+    config: ml_collections.ConfigDict, networks: Networks, cached_teacher: bool = False,
+    split_axis: int = 1,
 ) -> Callable[[TrainState, Any, Any], tuple[TrainState, dict]]:
     """The train step of S splits at once: one split's step mapped over the stack
-    (``parallel.vmap_stack``), not yet jitted (:func:`stacked_train_step` is the compiled
+    (``parallel.map_stack``: vectorised, or one split after another as ``config.stack_mode`` and
+    the mesh's ``split_axis`` say), not yet jitted (:func:`stacked_train_step` is the compiled
     program).
 
     ``step(states, teacher_params, images uint8 [S, B, h, w, c])``; with ``cached_teacher``
@@ -139,7 +141,8 @@ def make_stacked_step(
         new_state = jax.tree.map(lambda new, old: jnp.where(active, new, old), new_state, state)
         return new_state, metrics
 
-    return parallel.vmap_stack(one_split, (0, 0 if cached_teacher else None, 0))
+    sequential = parallel.runs_in_sequence(config.stack_mode, split_axis)
+    return parallel.map_stack(one_split, (0, 0 if cached_teacher else None, 0), sequential)
 
 
 def stacked_train_step(
@@ -156,7 +159,7 @@ def stacked_train_step(
 
     def build():
         return jax.jit(
-            make_stacked_step(config, networks, cached_teacher),
+            make_stacked_step(config, networks, cached_teacher, mesh.shape[parallel.SPLIT]),
             in_shardings=(
                 stacked, stacked if cached_teacher else parallel.replicated(mesh),
                 parallel.batch_sharding(mesh),

@@ -53,7 +53,8 @@ NOT_TRAINING = (
     "model.remat", "model.remat_policy", "model.attention_implementation", "teacher.cache_dir",
     "method.top_k",
     "method.image_score", "method.map_sigma", "train.log_every", "train.checkpoint_every",
-    "train.teacher_cache", "eval", "predict", "mesh_shape", "parallel_splits", "per_dataset",
+    "train.teacher_cache", "eval", "predict", "mesh_shape", "parallel_splits", "stack_mode",
+    "per_dataset",
     "data.skip_bad_images",
 )
 # Where the data is: compared when training resumes, not when trained runs are scored again.

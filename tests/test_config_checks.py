@@ -81,6 +81,7 @@ BAD_VALUES = [  # (overrides, *what the message says)
     ({"parallel_splits": "0"}, "parallel_splits='0' is neither 'auto' nor a positive integer",),
     ({"parallel_splits": "two"}, "parallel_splits='two'", "'auto' or e.g. 2"),
     ({"train.teacher_cache": "maybe"}, "teacher_cache='maybe' is unknown", "'on', 'off'"),
+    ({"stack_mode": "loop"}, "config.stack_mode='loop' is unknown", "'vmap', 'map'"),
     ({"mesh_shape": (3,)}, "config.mesh_shape=(3,) is not two positive integers",),
     ({"mesh_shape": (0, 1)}, "mesh_shape=(0, 1) is not two positive integers",),
     ({"mesh_shape": (2, 2)}, "does not use the 1 devices",),
@@ -122,6 +123,17 @@ def test_each_check_fires_with_one_line(overrides, needles):
     assert "\n" not in message
     for needle in needles:
         assert needle in message, message
+
+
+def test_stack_mode_map_needs_every_device_on_data():
+    two_devices = [jax.devices()[0]] * 2  # only their number matters before a mesh is made
+    with pytest.raises(ConfigError) as error:
+        config_checks.check_config(folder_config(stack_mode="map"), devices=two_devices)
+    assert str(error.value) == (
+        "config.stack_mode='map' needs the stack on one device slot, but the 2 devices may "
+        "spread it: add --config.mesh_shape='(1, 2)' (every device on data) or use "
+        "stack_mode='vmap'")
+    config_checks.check_config(folder_config(stack_mode="map"), devices=jax.devices()[:1])
 
 
 def test_textures_spec_is_checked_before_any_image_is_written():

@@ -164,19 +164,32 @@ def test_bfloat16_compute_keeps_float32_params_anchor_and_loss(
     np.testing.assert_allclose(states_bf16.anchor, states_f32.anchor, rtol=0.05, atol=0.05)
 
 
-def test_stack_of_one_runs_the_step_the_stack_of_two_vmaps(digits_zero, default_setup):
-    """A stack of one runs its split's step without ``jax.vmap`` (no layout copies of the
-    stacked parameters); a stack of two vmaps it. Both train a split alike, to float rounding."""
+@pytest.mark.parametrize("stack_mode", ["map", "vmap"])
+def test_a_stack_trains_each_split_as_alone(digits_zero, default_setup, stack_mode):
+    """A stack of one runs its split's step as it is (no vmap, no layout copies of the stacked
+    parameters). A stack of two with ``stack_mode="map"`` runs that same program for each split
+    in turn: bit-identical to alone; with "vmap" vectorised: alike to float rounding."""
     from fcd_jax.train_step import make_stacked_step
 
     setup = default_setup
-    step = jax.jit(make_stacked_step(setup.config, setup.networks))
+    config = setup.config.copy_and_resolve_references()
+    config.stack_mode = stack_mode
+    step = jax.jit(make_stacked_step(config, setup.networks))
     images = digits_zero.train_images.images[:16][None]
     alone, alone_metrics = step(fresh_states(setup), setup.teacher_params, images)
     pair = jax.tree.map(lambda leaf: jnp.concatenate([leaf, leaf]), fresh_states(setup))
     stacked, stacked_metrics = step(pair, setup.teacher_params, jnp.concatenate([images] * 2))
+    tolerance = dict(rtol=0, atol=0) if stack_mode == "map" else dict(rtol=1e-5, atol=1e-6)
     for one, two in zip(jax.tree.leaves((alone, alone_metrics)),
                         jax.tree.leaves((stacked, stacked_metrics)), strict=True):
         assert one.shape[0] == 1 and two.shape[0] == 2
         np.testing.assert_allclose(np.asarray(two[1]), np.asarray(two[0]), rtol=0, atol=0)
-        np.testing.assert_allclose(np.asarray(two[0]), np.asarray(one[0]), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(two[0]), np.asarray(one[0]), **tolerance)
+
+
+def test_stack_mode_auto_maps_on_one_cpu_slot_and_vmaps_a_sharded_stack():
+    from fcd_jax.parallel import runs_in_sequence
+
+    assert jax.default_backend() == "cpu"
+    assert runs_in_sequence("auto", 1) and not runs_in_sequence("auto", 2)
+    assert runs_in_sequence("map", 1) and not runs_in_sequence("vmap", 1)
