@@ -166,15 +166,19 @@ def test_a_run_killed_at_any_step_resumes_to_the_same_numbers(three, tmp_path):
     logging.info("kill/resume test: %.1f s", time.perf_counter() - start)
 
 
-def test_a_split_trains_the_same_in_any_slot_and_stack(three, tmp_path):
+@pytest.mark.parametrize("stack_mode", ["map", "vmap"])
+def test_a_split_trains_the_same_in_any_slot_and_stack(three, tmp_path, stack_mode):
     """"c" trained in a refilled slot of a stack of 2, and "a" in stacks of 2, and of 3, 2 and 1
     (re-stacked as "c" and "b" end), equal each trained alone (its own seed index).
 
-    Not bit for bit on CPU: XLA compiles the vmapped matmuls of each stack size with another
-    summation order (slots of one stack agree exactly), about 1e-6 relative per step. The
-    attention's key bias has no true gradient (softmax is shift-invariant), so Adam scales its
-    rounding noise to lr-sized steps: it differs by up to its own size, yet changes no output."""
+    ``stack_mode="map"`` (CPU's "auto"): bit for bit, every slot runs the program of a split
+    alone. "vmap": XLA compiles the vmapped matmuls of each stack size with another summation
+    order (slots of one stack agree exactly), about 1e-6 relative per step. The attention's key
+    bias has no true gradient (softmax is shift-invariant), so Adam scales its rounding noise to
+    lr-sized steps: it differs by up to its own size, yet changes no output."""
     config, splits = three
+    config = config.copy_and_resolve_references()
+    config.stack_mode = stack_mode
     _, pairs = trained_models(config, splits, tmp_path / "two", group_size=2)
     trainer, triple = trained_models(config, splits, tmp_path / "three", group_size=3)
     assert trainer.plan.sizes == (3, 2, 1)
@@ -194,6 +198,9 @@ def test_a_split_trains_the_same_in_any_slot_and_stack(three, tmp_path):
             config, [splits[index]], tmp_path / f"alone_{index}", split_indices=[index]
         )
         for grouped in (pairs[index], triple[index]):
+            if stack_mode == "map":
+                jax.tree.map(np.testing.assert_array_equal, grouped, alone)
+                continue
             for (path, leaf), expected in zip(jax.tree_util.tree_leaves_with_path(grouped),
                                               jax.tree.leaves(alone), strict=True):
                 if "['key']['bias']" not in jax.tree_util.keystr(path):
