@@ -550,10 +550,15 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         )
         impls.append(jax_implementation(f"jax[{override}]", variant_config, teacher_params,
                                         student_params, images, score_images, memory))
-    if args.splits > 1:  # the production programs of a group of splits
-        impls.append(jax_implementation(f"jax[S={args.splits}]", config, teacher_params,
-                                        student_params, images, score_images, memory,
-                                        num_splits=args.splits))
+    for stack_mode in (args.stack_mode or [""]) if args.splits > 1 else []:
+        # The production programs of a group of splits (as config.stack_mode runs them).
+        stack_config = config if not stack_mode else bench_config(
+            args.variant, args.image_size, args.batch, args.dtype,
+            [*args.override, f"stack_mode={stack_mode}"])
+        impls.append(jax_implementation(
+            f"jax[S={args.splits}{',' + stack_mode if stack_mode else ''}]", stack_config,
+            teacher_params, student_params, images, score_images, memory,
+            num_splits=args.splits))
     if args.reference == CPU_REFERENCE:
         cpu_config = bench_config(args.variant, args.image_size, args.batch, "float32",
                                   args.override)
@@ -839,6 +844,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="> 1: also time the production programs of this many splits at once "
                              "(the stacked train step, the group score step on a shared batch); "
                              "img/s counts every split's images")
+    parser.add_argument("--stack_mode", action="append", default=[],
+                        help="with --splits: a stacked contestant run with this config.stack_mode "
+                             "('map', 'vmap'; repeat for several); default one, the config's")
     parser.add_argument("--jax_variant", action="append", default=[],
                         help="an extra fcd-jax contestant: comma-separated overrides, e.g. "
                              "model.scan_layers=False")

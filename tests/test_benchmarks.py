@@ -42,15 +42,18 @@ def test_benchmark_runs_on_a_tiny_model_and_implementations_agree(capsys):
     result = bench.main([
         *TINY_ARGS, "--batch=2", "--score_batch=3", "--steps=2", "--score_steps=1",
         "--warmup=2", "--impls=jax,torch", "--peak_size=64",
-        "--jax_variant=train.teacher_cache=on", "--splits=2",
+        "--jax_variant=train.teacher_cache=on", "--splits=2", "--stack_mode=map",
+        "--stack_mode=vmap",
     ])
     assert result["agreement"]["reference"] == "torch"
     for name in ("jax", "jax[train.teacher_cache=on]"):
         errors = result["agreement"]["relative_errors"][name]
         assert errors["loss"] < 1e-5 and errors["scores"] < 1e-5, name
-    stacked = result["results"]["jax[S=2]"]  # the production programs of two splits
-    assert stacked["train_gflop"] == pytest.approx(2 * result["results"]["jax"]["train_gflop"])
-    assert stacked["train_images_per_s"] > 0 and stacked["score_images_per_s"] > 0
+    for stack_mode in ("map", "vmap"):  # the production programs of two splits, both ways
+        stacked = result["results"][f"jax[S=2,{stack_mode}]"]
+        assert stacked["train_gflop"] == pytest.approx(
+            2 * result["results"]["jax"]["train_gflop"])
+        assert stacked["train_images_per_s"] > 0 and stacked["score_images_per_s"] > 0
     cached = result["results"]["jax[train.teacher_cache=on]"]
     assert cached["train_gflop"] < result["results"]["jax"]["train_gflop"]  # no teacher forward
     losses = result["agreement"]["losses"]
