@@ -122,8 +122,11 @@ def fill_teacher_cache(
     per_image = image_features(config, networks, teacher_params, sources[0].image_shape)
     stacked = parallel.stacked_sharding(mesh)
 
+    sequential = parallel.runs_in_sequence(config.stack_mode, mesh.shape[parallel.SPLIT])
+
     def fill_batch(cache, teacher_params, images, start):
-        new = jax.vmap(functools.partial(cached_features, config, networks, teacher_params))(images)
+        features = functools.partial(cached_features, config, networks, teacher_params)
+        new = parallel.map_stack(features, (0,), sequential)(images)  # as the train step runs
         return jax.tree.map(
             lambda rows, batch: jax.lax.dynamic_update_slice_in_dim(rows, batch, start, 1),
             cache, new)
