@@ -43,11 +43,13 @@ for batch in $BATCHES; do
   # The production programs: the stacked step of one split and of $SPLITS at once, the group
   # score step of $SPLITS students on a shared test batch (first batch size only: time).
   # At the first batch size also the CPU's defaults' alternatives, timed in the same run: the
-  # heads-first attention instead of JAX's choice (cuDNN), and no rematerialisation.
+  # heads-first attention instead of JAX's choice (cuDNN), no rematerialisation, and the stack
+  # mapped (the CPU's "auto") beside vmapped (the GPU's).
   splits=1; variants=()
   if [ "$batch" = "${BATCHES%% *}" ]; then
     splits=$SPLITS
-    variants=(--jax_variant=model.attention_implementation=heads_first --jax_variant=model.remat=False)
+    variants=(--jax_variant=model.attention_implementation=heads_first --jax_variant=model.remat=False
+              --stack_mode=vmap --stack_mode=map)
   fi
   echo "== ViT-B/16, batch $batch, bfloat16, splits $splits"
   "$PYTHON" -m benchmarks.bench --variant=B/16 --image_size=224 --dtype=bfloat16 \
