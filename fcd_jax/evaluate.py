@@ -79,8 +79,9 @@ def make_group_score_step(
     ``slots``: int32 ``[S]``, the student of each slot (students may repeat), or None for the N
     students in order (S = N). ``images`` uint8 ``[1, B, ...]``: every slot scores the same batch,
     one teacher forward for all; ``[S, B, ...]``: slot s scores ``images[s]``. ``with_maps`` is
-    static. The students run as ``config.stack_mode`` says (evaluation's mesh has every device on
-    ``data``: on CPU "auto" scores one student after another, each exactly as alone).
+    static. The slots run as ``config.stack_mode`` says (evaluation's mesh has every device on
+    ``data``: on CPU "auto" maps them, and each student, with its own batch's teacher forward,
+    runs the program of :func:`make_score_step`'s step: the same scores bit for bit).
     """
     method = networks.plan.method(config.method)
 
@@ -96,17 +97,20 @@ def make_group_score_step(
             student_params, anchors = jax.tree.map(
                 lambda leaf: leaf[slots], (student_params, anchors)
             )
-        images = jax.vmap(lambda batch: preprocess(batch, config.data))(images)
-        teacher_blocks = jax.vmap(
-            lambda batch: teacher_outputs(networks.teacher, teacher_params, batch)
-        )(images)
+        sequential = parallel.runs_in_sequence(config.stack_mode, 1)
+
+        def teacher_side(batch):
+            batch = preprocess(batch, config.data)
+            return batch, teacher_outputs(networks.teacher, teacher_params, batch)
+
+        images, teacher_blocks = parallel.map_stack(teacher_side, (0,), sequential)(images)
         image_axis = 0 if images.shape[0] > 1 else None  # one batch per slot, or one for all
         if image_axis is None:
             teacher_blocks = jax.tree.map(lambda leaf: leaf[0], teacher_blocks)
             images = images[0]
         return parallel.map_stack(
             functools.partial(one_student, with_maps=with_maps),
-            (0, 0, image_axis, image_axis), parallel.runs_in_sequence(config.stack_mode, 1),
+            (0, 0, image_axis, image_axis), sequential,
         )(student_params, anchors, teacher_blocks, images)
 
     key = ("group score", ml_collections.FrozenConfigDict(config), networks)
