@@ -543,22 +543,23 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     memory = HostMemory()
     impls = [jax_implementation("jax", config, teacher_params, student_params, images,
                                 score_images, memory)]
+    def config_with(extra: list[str]) -> ml_collections.ConfigDict:
+        return bench_config(args.variant, args.image_size, args.batch, args.dtype,
+                            [*args.override, *extra])
+
     for override in args.jax_variant:
-        overrides = [*args.override, *override.split(",")]
-        variant_config = bench_config(
-            args.variant, args.image_size, args.batch, args.dtype, overrides
-        )
-        impls.append(jax_implementation(f"jax[{override}]", variant_config, teacher_params,
-                                        student_params, images, score_images, memory))
-    for stack_mode in (args.stack_mode or [""]) if args.splits > 1 else []:
-        # The production programs of a group of splits (as config.stack_mode runs them).
-        stack_config = config if not stack_mode else bench_config(
-            args.variant, args.image_size, args.batch, args.dtype,
-            [*args.override, f"stack_mode={stack_mode}"])
-        impls.append(jax_implementation(
-            f"jax[S={args.splits}{',' + stack_mode if stack_mode else ''}]", stack_config,
-            teacher_params, student_params, images, score_images, memory,
-            num_splits=args.splits))
+        impls.append(jax_implementation(f"jax[{override}]", config_with(override.split(",")),
+                                        teacher_params, student_params, images, score_images,
+                                        memory))
+    if args.splits > 1:  # the production programs of a group of splits
+        for stack_mode in args.stack_mode or [None]:  # None: as the config runs them
+            name, stack_config = f"jax[S={args.splits}]", config
+            if stack_mode:
+                name = f"jax[S={args.splits},{stack_mode}]"
+                stack_config = config_with([f"stack_mode={stack_mode}"])
+            impls.append(jax_implementation(name, stack_config, teacher_params, student_params,
+                                            images, score_images, memory,
+                                            num_splits=args.splits))
     if args.reference == CPU_REFERENCE:
         cpu_config = bench_config(args.variant, args.image_size, args.batch, "float32",
                                   args.override)

@@ -197,7 +197,7 @@ def _check_train_and_scale(config: ml_collections.ConfigDict, devices: list) -> 
             raise _fail("mesh_shape", mesh_shape, "is not two positive integers (split, data)",
                         f"use () for automatic, or e.g. '(1, {len(devices)})'")  # fmt: skip
         parallel.make_mesh(1, config.data.batch_size, mesh_shape, devices)
-    if config.stack_mode == "map" and len(devices) > 1 and tuple(mesh_shape)[:1] != (1,):
+    if config.stack_mode == "map" and len(devices) > 1 and mesh_shape[:1] != (1,):
         # A loop over a stack axis sharded over devices would gather the whole stack.
         raise _fail("stack_mode", "map", f"needs the stack on one device slot, but the "
                     f"{len(devices)} devices may spread it", "add --config.mesh_shape='(1, "

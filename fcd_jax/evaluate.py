@@ -73,15 +73,14 @@ def make_group_score_step(
     config: ml_collections.ConfigDict, networks: Networks
 ) -> Callable[..., dict[str, jax.Array]]:
     """Jitted ``step(teacher_params, student_params [N, ...], anchors [N, ...], slots, images,
-    with_maps) -> {"score" [S, B], "map" [S, B, H, W] (only with_maps)}``: S students at once
-    (``parallel.map_stack``), the teacher run once per image.
+    with_maps) -> {"score" [S, B], "map" [S, B, H, W] (only with_maps)}``: S students at once,
+    the teacher run once per image.
 
     ``slots``: int32 ``[S]``, the student of each slot (students may repeat), or None for the N
     students in order (S = N). ``images`` uint8 ``[1, B, ...]``: every slot scores the same batch,
     one teacher forward for all; ``[S, B, ...]``: slot s scores ``images[s]``. ``with_maps`` is
-    static. The slots run as ``config.stack_mode`` says (evaluation's mesh has every device on
-    ``data``: on CPU "auto" maps them, and each student, with its own batch's teacher forward,
-    runs the program of :func:`make_score_step`'s step: the same scores bit for bit).
+    static. Slots run as ``config.stack_mode`` says (``parallel.map_stack``); mapped (CPU's
+    "auto"), each runs :func:`make_score_step`'s program, teacher forward included: bit for bit.
     """
     method = networks.plan.method(config.method)
 

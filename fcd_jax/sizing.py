@@ -135,13 +135,14 @@ def auto_parallel_splits(config: ml_collections.ConfigDict, num_splits: int) -> 
     fits_per_device = int((budget - fixed) // per_split)
     if fits_per_device < 2:  # a stack of one has a program of its own
         one = stacked_step_bytes(config, 1, batch_per_device, split_axis)
-        fits_per_device = int(one <= budget)
-    if fits_per_device < 1:
-        raise FcdError(
-            f"one split needs {one / 2**30:.1f} GiB per device, more than the device has: lower "
-            "--config.data.batch_size, keep less for the backward (--config.model.remat=True "
-            "--config.model.remat_policy=nothing) or use more devices on 'data'"
-        )
+        if one > budget:
+            raise FcdError(
+                f"one split needs {one / 2**30:.1f} GiB per device, more than the device has: "
+                "lower --config.data.batch_size, keep less for the backward "
+                "(--config.model.remat=True --config.model.remat_policy=nothing) or use more "
+                "devices on 'data'"
+            )
+        fits_per_device = 1
     group = min(num_splits, fits_per_device * split_axis)
     # Every process must train the same groups: process 0's measurement decides.
     group = int(multihost_utils.broadcast_one_to_all(np.int32(group)))
