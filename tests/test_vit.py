@@ -7,8 +7,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
-from fcd_jax.models.vit import build_vit, heads_first_attention, parse_variant, truncate_params
+from fcd_jax.models.vit import (
+    ATTENTION_RESIDUALS,
+    REMAT_POLICIES,
+    build_vit,
+    heads_first_attention,
+    parse_variant,
+    truncate_params,
+)
 
 TINY = dict(variant="Ti/16", patch_size=8, width=32, depth=3, num_heads=4, mlp_dim=64)
 IMAGE_SIZE = 32
@@ -251,6 +259,41 @@ def test_layer_scale_of_ones_is_the_plain_vit(tiny):
     scaled = dict(params, blocks=dict(params["blocks"], ls1=ones, ls2=ones))
     out = apply(build_vit(dict(TINY, layer_scale=True)), scaled, images)
     np.testing.assert_array_equal(out["blocks"], outputs["blocks"])
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_heads_first_attention_gradients_are_autodiffs(dtype, tolerance):
+    """Its hand-written backward (flash attention's, from the output and the log-sum-exp) gives
+    the gradients JAX's autodiff gives through a plain softmax attention, in float32 and in
+    bfloat16 (which keeps the logits and the softmax in float32)."""
+    rng = np.random.default_rng(1)
+    query, key, value, cotangent = (
+        jnp.asarray(rng.standard_normal((2, 17, 3, 8)), dtype) for _ in range(4))
+
+    def plain(query, key, value):
+        logits = jnp.einsum("bthd,bshd->bhts", query, key, preferred_element_type=jnp.float32)
+        probs = jax.nn.softmax(logits / np.sqrt(8), axis=-1)
+        return jnp.einsum("bhts,bshd->bthd", probs, value.astype(jnp.float32))
+
+    def gradients(attention):
+        return jax.grad(lambda *qkv: jnp.sum(attention(*qkv).astype(jnp.float32) * cotangent),
+                        argnums=(0, 1, 2))(query, key, value)
+
+    for ours, theirs in zip(gradients(heads_first_attention), gradients(plain), strict=True):
+        scale = float(jnp.abs(theirs.astype(jnp.float32)).max())
+        np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(theirs, np.float32),
+                                   atol=tolerance * scale)
+
+
+def test_rematerialised_block_keeps_the_attention_output(capsys):
+    """Under remat_policy "dots" the backward pass reads the attention's output and log-sum-exp
+    rather than recomputing the attention forward (the products of q k^T with v)."""
+    query = jnp.ones((2, 5, 3, 4))
+    policy = REMAT_POLICIES["dots"]
+    block = jax.checkpoint(lambda q: heads_first_attention(q, 2 * q, 3 * q).sum(), policy=policy)
+    print_saved_residuals(block, query)
+    saved = capsys.readouterr().out
+    assert all(f"named '{name}'" in saved for name in ATTENTION_RESIDUALS), saved
 
 
 def test_defaults_have_no_layer_scale_nor_registers():

@@ -40,6 +40,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from fcd_jax.errors import ConfigError
 
@@ -114,14 +115,65 @@ def heads_first_attention(query: jax.Array, key: jax.Array, value: jax.Array) ->
     """softmax(q k^T / sqrt(head_dim)) v for ``[batch, tokens, heads, head_dim]`` inputs and
     output, as ``jax.nn.dot_product_attention``, with the matmuls batched heads first: on the
     CPU the tokens-first products of ``dot_product_attention`` run at a fraction of the matmul
-    rate (BENCHMARKS.md "Step level after the rotation fix"). Scaling q instead of the logits
-    costs head_dim, not tokens, multiplies per query."""
+    rate (BENCHMARKS.md "Step level"). Scaling q instead of the logits costs head_dim, not
+    tokens, multiplies per query. The products and the backward pass are
+    :func:`_heads_first_softmax_product`'s."""
     to_heads_first = lambda tokens: tokens.transpose(0, 2, 1, 3)  # and back: its own inverse
     query, key, value = map(to_heads_first, (query, key, value))
     query = query * jnp.asarray(query.shape[-1] ** -0.5, query.dtype)
+    return to_heads_first(_heads_first_softmax_product(query, key, value))
+
+
+# What the attention's backward pass reads besides q, k and v; a rematerialised block keeps them
+# (REMAT_POLICIES["dots"]) so that its backward recomputes q k^T but not the attention forward.
+ATTENTION_RESIDUALS = ("attention_output", "attention_log_sum_exp")
+
+
+def _softmax_product_forward(query: jax.Array, key: jax.Array, value: jax.Array
+                             ) -> tuple[jax.Array, jax.Array]:
+    """softmax(q k^T) v heads first, normalised after the product with v (one division per
+    output element rather than per weight), and each query's log-sum-exp of its logits."""
     logits = jnp.einsum("bhtd,bhsd->bhts", query, key, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-    return to_heads_first(jnp.einsum("bhts,bhsd->bhtd", probs, value))
+    row_max = logits.max(-1, keepdims=True)
+    weights = jnp.exp(logits - row_max)
+    total = weights.sum(-1, keepdims=True)
+    output = jnp.einsum("bhts,bhsd->bhtd", weights.astype(value.dtype), value,
+                        preferred_element_type=jnp.float32) / total
+    return output.astype(value.dtype), row_max + jnp.log(total)
+
+
+@jax.custom_vjp
+def _heads_first_softmax_product(query: jax.Array, key: jax.Array, value: jax.Array
+                                 ) -> jax.Array:
+    """softmax(q k^T) v for ``[batch, heads, tokens, head_dim]`` operands, with flash attention's
+    backward pass (untiled): from the output and the log-sum-exp rather than autodiff's through
+    the softmax, so the forward's weights need not be kept or recomputed."""
+    return _softmax_product_forward(query, key, value)[0]
+
+
+def _softmax_product_fwd(query: jax.Array, key: jax.Array, value: jax.Array):
+    output, log_sum_exp = _softmax_product_forward(query, key, value)
+    output = checkpoint_name(output, ATTENTION_RESIDUALS[0])
+    log_sum_exp = checkpoint_name(log_sum_exp, ATTENTION_RESIDUALS[1])
+    return output, (query, key, value, output, log_sum_exp)
+
+
+def _softmax_product_bwd(residuals: tuple, d_output: jax.Array):
+    """With P = exp(q k^T - lse): dv = P^T do, dP = do v^T, dS = P (dP - rowsum(do * o)),
+    dq = dS k, dk = dS^T q."""
+    query, key, value, output, log_sum_exp = residuals
+    probs = jnp.exp(jnp.einsum("bhtd,bhsd->bhts", query, key,
+                               preferred_element_type=jnp.float32) - log_sum_exp)
+    d_value = jnp.einsum("bhts,bhtd->bhsd", probs.astype(value.dtype), d_output)
+    d_probs = jnp.einsum("bhtd,bhsd->bhts", d_output, value, preferred_element_type=jnp.float32)
+    row_dot = jnp.sum(d_output.astype(jnp.float32) * output.astype(jnp.float32), -1,
+                      keepdims=True)
+    d_logits = (probs * (d_probs - row_dot)).astype(query.dtype)
+    return (jnp.einsum("bhts,bhsd->bhtd", d_logits, key),
+            jnp.einsum("bhts,bhtd->bhsd", d_logits, query), d_value)
+
+
+_heads_first_softmax_product.defvjp(_softmax_product_fwd, _softmax_product_bwd)
 
 
 def drop_registers(tokens: jax.Array, num_registers: int) -> jax.Array:
@@ -132,10 +184,13 @@ def drop_registers(tokens: jax.Array, num_registers: int) -> jax.Array:
 
 
 # What a rematerialised block keeps for the backward pass (``model.remat_policy``): "dots" the
-# outputs of the projections' and MLP's matmuls (the norms, GELU and the attention's batched
-# products and softmax are recomputed, inside the backward's own passes); "nothing" nothing.
+# outputs of the projections' and MLP's matmuls and the CPU attention's output and log-sum-exp
+# (the norms, GELU and q k^T are recomputed, inside the backward's own passes); "nothing"
+# nothing.
 REMAT_POLICIES = {
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(*ATTENTION_RESIDUALS)),
     "nothing": jax.checkpoint_policies.nothing_saveable,
 }
 
