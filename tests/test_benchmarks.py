@@ -20,9 +20,10 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks import bench, gemm_shapes, profile_step, torch_reference  # noqa: E402
+from benchmarks import attention, bench, gemm_shapes, profile_step, torch_reference  # noqa: E402
 from fcd_jax import train_state  # noqa: E402
 from fcd_jax.models import build_vit  # noqa: E402
+from fcd_jax.models.vit import heads_first_attention  # noqa: E402
 from fcd_jax.networks import build_networks  # noqa: E402
 from fcd_jax.train_step import make_stacked_step  # noqa: E402
 
@@ -236,6 +237,24 @@ def test_train_step_flops_count_the_step_matmuls():
     gram_teacher_backward = 3 * 3 * 4 * 5 * 32**2  # batch * pairs * 4 N D^2
     expected = analytic + attention_recomputed
     assert expected <= counted <= expected + gram_teacher_backward
+
+
+def test_attention_benchmark_compares_the_same_attention(capsys):
+    """benchmarks/attention.py's autodiff contestant computes fcd-jax's attention (values and
+    gradients), and the benchmark runs at a tiny size with all three contestants."""
+    rng = np.random.default_rng(0)
+    query, key, value = (jnp.asarray(rng.standard_normal((2, 5, 2, 4)), jnp.float32)
+                         for _ in range(3))
+    np.testing.assert_allclose(attention.autodiff_attention(query, key, value),
+                               heads_first_attention(query, key, value), rtol=1e-5, atol=1e-6)
+    total = lambda function: lambda *qkv: jnp.sum(function(*qkv) ** 2)
+    for ours, theirs in zip(jax.grad(total(heads_first_attention), (0, 1, 2))(query, key, value),
+                            jax.grad(total(attention.autodiff_attention), (0, 1, 2))(
+                                query, key, value), strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+    seconds = attention.main(["--variant=Ti/8", "--image_size=16", "--batch=2", "--repeats=1"])
+    assert len(seconds) == 3 and all(f > 0 and b > 0 for f, b in seconds.values())
+    assert "scaled_dot_product_attention" in capsys.readouterr().out
 
 
 def test_gemm_shapes_are_the_step_matmuls():
