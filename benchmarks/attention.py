@@ -53,11 +53,14 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
                                 .astype(np.float32) for _ in range(4))
     gflop = 4 * args.batch * heads * tokens**2 * head_dim / 1e9
 
+    query_, key_, value_, d_out_ = map(jnp.asarray, (query, key, value, d_out))  # on device
+
     def jax_pair(attention):
         forward = jax.jit(attention)
-        backward = jax.jit(jax.grad(lambda *qkv: jnp.sum(attention(*qkv) * d_out), (0, 1, 2)))
-        return (lambda: forward(query, key, value).block_until_ready(),
-                lambda: jax.block_until_ready(backward(query, key, value)))
+        # The output's gradient an argument, as in a step (a constant is folded differently).
+        backward = jax.jit(jax.grad(lambda q, k, v, d: jnp.sum(attention(q, k, v) * d), (0, 1, 2)))
+        return (lambda: forward(query_, key_, value_).block_until_ready(),
+                lambda: jax.block_until_ready(backward(query_, key_, value_, d_out_)))
 
     heads_first = lambda tokens: torch.from_numpy(tokens).transpose(1, 2).contiguous()
     torch_qkv = [heads_first(x).requires_grad_() for x in (query, key, value)]
