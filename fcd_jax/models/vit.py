@@ -146,8 +146,9 @@ def _softmax_product_forward(query: jax.Array, key: jax.Array, value: jax.Array
 def _heads_first_softmax_product(query: jax.Array, key: jax.Array, value: jax.Array
                                  ) -> jax.Array:
     """softmax(q k^T) v for ``[batch, heads, tokens, head_dim]`` operands, with flash attention's
-    backward pass (untiled): from the output and the log-sum-exp rather than autodiff's through
-    the softmax, so the forward's weights need not be kept or recomputed."""
+    backward pass (untiled) rather than autodiff's through the softmax: the forward's weights are
+    not kept; the backward gets them back from q k^T and the log-sum-exp (no softmax reductions,
+    no product with v)."""
     return _softmax_product_forward(query, key, value)[0]
 
 
