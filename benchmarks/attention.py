@@ -53,14 +53,14 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
                                 .astype(np.float32) for _ in range(4))
     gflop = 4 * args.batch * heads * tokens**2 * head_dim / 1e9
 
-    query_, key_, value_, d_out_ = map(jnp.asarray, (query, key, value, d_out))  # on device
+    on_device = tuple(map(jnp.asarray, (query, key, value, d_out)))
 
     def jax_pair(attention):
         forward = jax.jit(attention)
         # The output's gradient an argument, as in a step (a constant is folded differently).
         backward = jax.jit(jax.grad(lambda q, k, v, d: jnp.sum(attention(q, k, v) * d), (0, 1, 2)))
-        return (lambda: forward(query_, key_, value_).block_until_ready(),
-                lambda: jax.block_until_ready(backward(query_, key_, value_, d_out_)))
+        return (lambda: forward(*on_device[:3]).block_until_ready(),
+                lambda: jax.block_until_ready(backward(*on_device)))
 
     heads_first = lambda tokens: torch.from_numpy(tokens).transpose(1, 2).contiguous()
     torch_qkv = [heads_first(x).requires_grad_() for x in (query, key, value)]

@@ -897,8 +897,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def reexec_with_huge_pages(argv: Sequence[str]) -> None:
-    """Restarts this process with glibc's malloc using transparent huge pages.
+def reexec_with_huge_pages(argv: Sequence[str], module: str = "benchmarks.bench") -> None:
+    """Restarts this process (``python -m module argv``) with glibc's malloc using transparent
+    huge pages.
 
     Both XLA's per-step temporary buffers and PyTorch's tensors are large ``malloc``s that glibc
     maps fresh on every step: ~90k page faults per ViT-S train step at batch 2 without huge pages,
@@ -911,7 +912,7 @@ def reexec_with_huge_pages(argv: Sequence[str]) -> None:
         return
     env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [current, tunable])))
     sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "benchmarks.bench", *argv], env)
+    os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

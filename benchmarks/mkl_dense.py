@@ -108,12 +108,10 @@ def install() -> None:
 
 
 if __name__ == "__main__":
-    tunable = "glibc.malloc.hugetlb=1"  # as bench.py's own re-execution, before the patch
-    if tunable not in os.environ.get("GLIBC_TUNABLES", ""):
-        os.environ["GLIBC_TUNABLES"] = ":".join(
-            filter(None, [os.environ.get("GLIBC_TUNABLES", ""), tunable]))
-        os.execv(sys.executable, [sys.executable, "-m", "benchmarks.mkl_dense", *sys.argv[1:]])
-    install()
     from benchmarks import bench
 
+    # As bench.py's own re-execution, but before the patch (bench.main, called from here, does not
+    # re-execute: that would start a process without it).
+    bench.reexec_with_huge_pages(sys.argv[1:], module="benchmarks.mkl_dense")
+    install()
     bench.main(sys.argv[1:])

@@ -232,7 +232,7 @@ def test_train_step_flops_count_the_step_matmuls():
     analytic = bench.train_step_flops(config)
     arch = bench.architecture(config)
     tokens = (config.data.image_size // arch["patch_size"]) ** 2 + 1
-    attention_recomputed = 3 * arch["depth"] * 2 * tokens**2 * arch["width"]  # batch * depth * ...
+    attention_recomputed = config.data.batch_size * arch["depth"] * 2 * tokens**2 * arch["width"]
     # The Gram backward may also differentiate the teacher's half of a stacked matmul.
     gram_teacher_backward = 3 * 3 * 4 * 5 * 32**2  # batch * pairs * 4 N D^2
     expected = analytic + attention_recomputed
