@@ -41,10 +41,14 @@ def build_and_register() -> None:
         raise SystemExit(f"no {MKL_LIBRARY}: pip install mkl into this venv first")
     library = Path(tempfile.mkdtemp(prefix="fcd_mkl_")) / "libmkl_dense.so"
     source = Path(__file__).with_suffix(".cc")
-    subprocess.run(["g++", "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
-                    f"-I{jax.ffi.include_dir()}", str(source), "-o", str(library),
-                    f"-L{MKL_LIBRARY.parent}", f"-l:{MKL_LIBRARY.name}",
-                    f"-Wl,-rpath,{MKL_LIBRARY.parent}"], check=True)
+    command = ["g++", "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}",
+               str(source), "-o", str(library), f"-L{MKL_LIBRARY.parent}",
+               f"-l:{MKL_LIBRARY.name}", f"-Wl,-rpath,{MKL_LIBRARY.parent}"]
+    try:
+        subprocess.run(command, check=True)
+    except (OSError, subprocess.CalledProcessError) as error:
+        raise SystemExit(f"could not build {source.name} ({error}): it needs g++ with C++17"
+                         ) from None
     handler = ctypes.cdll.LoadLibrary(str(library)).MklGemm
     jax.ffi.register_ffi_target("mkl_gemm", jax.ffi.pycapsule(handler), platform="cpu")
 
